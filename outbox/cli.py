@@ -1,0 +1,215 @@
+"""The ``outbox`` command: demo, migrate, relay, status.
+
+Process concerns live here (arguments, environment, signals, logging, exit
+codes); the work is done by the library modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from sqlalchemy import Engine
+
+from outbox import settings as config
+from outbox.database import create_outbox_engine, normalize_url, redact
+from outbox.errors import ConfigurationError, OutboxError, SchemaNotMigrated, StoreUnavailable
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("outbox")
+
+
+def _require(values: dict[str, Any], name: str) -> str:
+    value = values.get(name)
+    if not value:
+        setting = config.BY_NAME[name]
+        raise ConfigurationError(f"{setting.flag} (or {setting.env}) is required")
+    return str(value)
+
+
+def _engine(values: dict[str, Any]) -> Engine:
+    return create_outbox_engine(_require(values, "database_url"))
+
+
+def cmd_migrate(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox import migrate
+
+    engine = _engine(values)
+    try:
+        migrate.upgrade(engine, partitions=args.partitions)
+        revision = migrate.current_revision(engine)
+    except Exception as exc:
+        raise _as_store_error(exc) from None
+    finally:
+        engine.dispose()
+    print(f"outbox tables at revision {revision}")
+    return EXIT_OK
+
+
+def cmd_status(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox import migrate
+    from outbox.store import SqlStore
+
+    engine = _engine(values)
+    try:
+        store = SqlStore(engine)
+        counts = store.counts()
+        partitions = store.partitions()
+        revision = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    report = {**counts, "schema_revision": revision, "partitions": partitions}
+    if args.json:
+        print(json.dumps(report, default=str))
+        return EXIT_OK
+    print(f"pending    {counts['pending']}")
+    print(f"delivered  {counts['delivered']}")
+    print(f"dead       {counts['dead']}  (keys held: {counts['held_keys']})")
+    print(f"skipped    {counts['skipped']}")
+    age = counts["oldest_pending_age_seconds"]
+    print(f"oldest pending age  {'-' if age is None else f'{age:.1f}s'}")
+    print(f"schema revision     {revision or 'not migrated'}")
+    owners: dict[str, list[int]] = {}
+    for p in partitions:
+        owners.setdefault(p["owner"] or "(none)", []).append(p["partition"])
+    for owner, parts in sorted(owners.items()):
+        print(f"partitions {_ranges(parts):<16} owner {owner}")
+    return EXIT_OK
+
+
+def cmd_relay(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox.runner import run_relay
+
+    stop = threading.Event()
+    with _signals(stop):
+        run_relay(values, stop)
+    return EXIT_OK
+
+
+def cmd_demo(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox.demo import run_demo
+
+    if "OUTBOX_LOG_LEVEL" not in os.environ and values.get("log_level") == "INFO":
+        logging.getLogger("outbox").setLevel(logging.WARNING)  # the demo prints its own story
+    return run_demo(values, directory=args.directory, count=args.count)
+
+
+def _ranges(numbers: list[int]) -> str:
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = out[-1].split("-")[0] + f"-{n}"
+        else:
+            out.append(str(n))
+    return ",".join(out)
+
+
+@contextmanager
+def _signals(stop: threading.Event) -> Iterator[None]:
+    """First SIGTERM/SIGINT stops gracefully; a second one exits at once."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise SystemExit(EXIT_INTERRUPTED)
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _as_store_error(exc: Exception) -> OutboxError:
+    if isinstance(exc, OutboxError):
+        return exc
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        first = redact(str(exc.orig or exc)).strip().splitlines()
+        return StoreUnavailable(f"database error: {first[0] if first else type(exc).__name__}")
+    raise exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbox",
+        description="Transactional outbox relay: forwards events written in your "
+        "database transactions to the message bus, in order.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, run: Callable[..., int]) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        config.add_arguments(p, name)
+        p.set_defaults(run=run)
+        return p
+
+    demo = command(
+        "demo",
+        "run producer, relay and consumer on an embedded SQLite database and a local "
+        "broker folder; no server needed",
+        cmd_demo,
+    )
+    demo.add_argument("--directory", default="outbox-demo", help="where the demo keeps its files")
+    demo.add_argument("--count", type=int, default=5, help="resources to create")
+    migrate = command("migrate", "create or upgrade the outbox tables", cmd_migrate)
+    migrate.add_argument(
+        "--partitions",
+        type=int,
+        default=None,
+        help="partitions, fixed at first install (default 16); events are spread over "
+        "them by a hash of their key, and relay replicas share them",
+    )
+    command("relay", "forward committed events to the broker until SIGTERM", cmd_relay)
+    status = command("status", "show the backlog, dead rows and partition owners", cmd_status)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        values = config.resolve(vars(args), args.command)
+        _configure_logging(values)
+        if values.get("database_url"):
+            normalize_url(values["database_url"])  # fail early on a malformed URL
+        code: int = args.run(values, args)
+        return code
+    except SchemaNotMigrated as exc:
+        print(f"outbox: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ConfigurationError as exc:
+        print(f"outbox: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OutboxError as exc:
+        print(f"outbox: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _configure_logging(values: dict[str, Any]) -> None:
+    from outbox.logformat import configure
+
+    configure(values.get("log_format", "auto"), values.get("log_level", "INFO"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

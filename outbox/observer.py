@@ -1,0 +1,32 @@
+"""Hooks the relay calls as it works, for metrics and health (no-ops by default).
+
+Subclass :class:`RelayObserver` and override what you need. An exception in a
+hook is logged and ignored: observing must never stop the relay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RelayObserver:
+    def loop_ticked(self) -> None:
+        """The relay loop went round once (liveness)."""
+
+    def batch_published(self, count: int, seconds: float) -> None:
+        """``count`` messages were confirmed and marked delivered."""
+
+    def publish_failed(self, kind: str, count: int) -> None:
+        """A batch was cut short; ``kind`` is nacked, unroutable, timeout or connection."""
+
+    def event_dead(self, ordering_key: str, reason: str) -> None:
+        """A row failed validation and was marked dead; its key is held."""
+
+    def partitions_changed(self, owned: Sequence[int], total: int) -> None:
+        """The set of partitions this relay publishes changed."""
+
+    def broker_connected(self, connected: bool) -> None:
+        """The broker connection came up or went down."""
+
+    def store_available(self, available: bool) -> None:
+        """A database call succeeded or failed for lack of a connection."""

@@ -1,0 +1,254 @@
+"""Writing events into the producer's own transaction.
+
+``publish`` never talks to the broker: it adds an outbox row to the caller's
+transaction, so the event exists exactly when the change it describes commits.
+
+With a :class:`~sqlalchemy.orm.Session` the rows are buffered and written in
+one multi-row INSERT just before the transaction (or SAVEPOINT) commits; with a
+:class:`~sqlalchemy.engine.Connection` they are written at once. Before the
+INSERT the producer takes one transaction-scoped advisory lock per ordering key
+(PostgreSQL), in ascending lock-id order so that two writers can never
+deadlock on each other's keys. Holding the key's lock from before the row's
+position is assigned until commit makes position order equal commit order for
+that key, which is what the relay relies on.
+"""
+
+from __future__ import annotations
+
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event, func, select, text
+from sqlalchemy.orm import Session, SessionTransaction
+
+from outbox import codec, ordering, table, validation
+from outbox.envelope import Envelope
+from outbox.errors import SchemaNotMigrated
+
+NOTIFY_CHANNEL = "outbox_event"
+OPTIONS_KEY = "outbox.producer_options"
+_BUFFER_KEY = "outbox.buffer"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ProducerOptions:
+    """Per-service producer settings, attached to a session factory or connection.
+
+    ``notify``: send ``pg_notify`` from the producer's transaction so that an
+    idle relay wakes up at commit. It serialises commits briefly inside
+    PostgreSQL; turn it off for very write-heavy services and let the relay poll.
+    """
+
+    notify: bool = True
+
+
+DEFAULT_OPTIONS = ProducerOptions()
+
+
+def configure(target: Session | Connection | Any, options: ProducerOptions) -> None:
+    """Attach producer options to a session, a connection or a ``sessionmaker``."""
+    if isinstance(target, Session | Connection):
+        target.info[OPTIONS_KEY] = options
+        return
+    kw = getattr(target, "kw", None)  # sessionmaker / async_sessionmaker
+    if kw is None:
+        raise TypeError(f"cannot configure {type(target).__name__}; pass a session or sessionmaker")
+    info = dict(kw.get("info") or {})
+    info[OPTIONS_KEY] = options
+    kw["info"] = info
+
+
+def prepare_row(
+    envelope: Envelope,
+    *,
+    key: str | None = None,
+    resource_type: str | None = None,
+    routing_key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Validate an envelope and turn it into an outbox row (no I/O).
+
+    Raises :class:`~outbox.errors.EnvelopeError` (or its subclass
+    ``ContentEncodingError``) before anything is written.
+    """
+    data = envelope.to_dict()
+    validation.check_envelope(data)
+    resource_type = resource_type or ordering.default_resource_type(envelope.schema)
+    if key is None:
+        content = data["resource"]["content"]
+        key = ordering.default_key(resource_type, content)
+    extra = dict(headers) if headers else {}
+    reference = envelope.reference
+    if reference is not None:
+        extra.setdefault("outbox-resource-version", str(reference.version))
+    return {
+        "event_id": uuid.uuid4(),
+        "ordering_key": key,
+        "routing_key": routing_key or f"{resource_type}.{envelope.action.value}",
+        "resource_type": resource_type,
+        "payload": codec.dumps(data),
+        "headers": extra or None,
+    }
+
+
+def publish(
+    session: Session | Connection,
+    envelope: Envelope,
+    *,
+    key: str | None = None,
+    resource_type: str | None = None,
+    routing_key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> uuid.UUID:
+    """Add ``envelope`` to the transaction of ``session`` and return its event id.
+
+    ``key`` orders events: those sharing a key are delivered in commit order
+    (default ``<resource type>:<tenantId>:<id>``). ``resource_type`` defaults to
+    the last segment of the schema URI; the routing key to ``<type>.<action>``.
+    """
+    row = prepare_row(
+        envelope, key=key, resource_type=resource_type, routing_key=routing_key, headers=headers
+    )
+    if isinstance(session, Connection):
+        write_rows(session, [row], _options(session.info))
+    else:
+        _buffer_for(session).add(row)
+    event_id: uuid.UUID = row["event_id"]
+    return event_id
+
+
+def _options(info: Mapping[str, Any]) -> ProducerOptions:
+    options = info.get(OPTIONS_KEY, DEFAULT_OPTIONS)
+    assert isinstance(options, ProducerOptions)
+    return options
+
+
+_partition_counts: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+
+
+def partition_count(connection: Connection) -> int:
+    """How many partitions the outbox was installed with (read once per engine)."""
+    engine = connection.engine
+    count = _partition_counts.get(engine)
+    if count is None:
+        count = connection.execute(select(func.count()).select_from(table.partition)).scalar_one()
+        if not count:
+            raise SchemaNotMigrated("outbox_partition is empty: run `outbox migrate`")
+        _partition_counts[engine] = count
+    return count
+
+
+_PG_LOCK = text(
+    "SELECT count(pg_advisory_xact_lock(:namespace, k)) FROM unnest(CAST(:keys AS integer[])) AS k"
+)
+_PG_LOCK_AND_NOTIFY = text(
+    "SELECT pg_notify(:channel, ''), "
+    "(SELECT count(pg_advisory_xact_lock(:namespace, k)) "
+    "FROM unnest(CAST(:keys AS integer[])) AS k)"
+)
+
+
+def write_rows(
+    connection: Connection, rows: Sequence[dict[str, Any]], options: ProducerOptions
+) -> None:
+    """Lock the rows' keys in a fixed order, then insert them in one statement."""
+    if not rows:
+        return
+    partitions = partition_count(connection)
+    for row in rows:
+        row["partition"] = ordering.partition_of(row["ordering_key"], partitions)
+    if connection.dialect.name == "postgresql":
+        # Sorted, de-duplicated lock ids: every writer acquires in the same
+        # order, so no two transactions can wait on each other's keys.
+        keys = sorted({ordering.lock_id(r["ordering_key"]) for r in rows})
+        params = {"namespace": ordering.LOCK_NAMESPACE, "keys": keys, "channel": NOTIFY_CHANNEL}
+        connection.execute(_PG_LOCK_AND_NOTIFY if options.notify else _PG_LOCK, params)
+    # SQLite needs no lock: it admits one writer at a time until commit.
+    connection.execute(table.event.insert(), list(rows))
+
+
+@dataclass(eq=False)
+class _SessionBuffer:
+    """Events published in a session, not yet written, tagged with a sequence number.
+
+    A SAVEPOINT remembers the sequence number at which it began; rolling it
+    back drops the unwritten events from that number on (events already written
+    inside it are undone by the database).
+    """
+
+    session: Session
+    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    next_seq: int = 0
+    savepoints: dict[int, int] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append((self.next_seq, row))
+        self.next_seq += 1
+
+    def write(self) -> None:
+        if not self.rows:
+            return
+        rows = [row for _, row in self.rows]
+        self.rows.clear()
+        write_rows(self.session.connection(), rows, _options(self.session.info))
+
+    def savepoint_started(self, transaction: SessionTransaction) -> None:
+        self.savepoints[id(transaction)] = self.next_seq
+
+    def savepoint_rolled_back(self, transaction: SessionTransaction) -> None:
+        start = self.savepoints.pop(id(transaction), None)
+        if start is not None:
+            self.rows = [(seq, row) for seq, row in self.rows if seq < start]
+
+    def transaction_ended(self, transaction: SessionTransaction) -> None:
+        self.savepoints.pop(id(transaction), None)
+        if transaction.parent is None:
+            # The root transaction is over: its events were written at
+            # before_commit, or are discarded with its rollback.
+            self.rows.clear()
+            self.savepoints.clear()
+
+
+def _buffer_for(session: Session) -> _SessionBuffer:
+    buffer = session.info.get(_BUFFER_KEY)
+    if buffer is None:
+        buffer = _SessionBuffer(session)
+        session.info[_BUFFER_KEY] = buffer
+        _listen(session, buffer)
+        current = session.get_nested_transaction()
+        if current is not None:
+            # Events published now belong to this open SAVEPOINT.
+            buffer.savepoints[id(current)] = 0
+    assert isinstance(buffer, _SessionBuffer)
+    return buffer
+
+
+def _listen(session: Session, buffer: _SessionBuffer) -> None:
+    def before_commit(_session: Session) -> None:
+        buffer.write()
+
+    def after_transaction_create(_session: Session, transaction: SessionTransaction) -> None:
+        if transaction.nested:
+            buffer.savepoint_started(transaction)
+
+    def after_soft_rollback(_session: Session, transaction: SessionTransaction) -> None:
+        if transaction.nested:
+            buffer.savepoint_rolled_back(transaction)
+
+    def after_transaction_end(_session: Session, transaction: SessionTransaction) -> None:
+        buffer.transaction_ended(transaction)
+
+    event.listen(session, "before_commit", before_commit)
+    event.listen(session, "after_transaction_create", after_transaction_create)
+    event.listen(session, "after_soft_rollback", after_soft_rollback)
+    event.listen(session, "after_transaction_end", after_transaction_end)
+
+
+def flush_events(session: Session) -> None:
+    """Write the session's buffered events now (they are written at commit anyway)."""
+    buffer = session.info.get(_BUFFER_KEY)
+    if isinstance(buffer, _SessionBuffer):
+        buffer.write()

@@ -1,0 +1,356 @@
+"""The relay loop: fetch pending rows, validate, publish in order, mark delivered.
+
+Orchestration only, over a store, a publisher and a wake-up source, so it can
+be embedded and tested with fakes; signals, scheduling and configuration live
+in :mod:`outbox.cli`.
+
+One iteration overlaps database work with broker work::
+
+    fetch batch N+1  | broker routes and confirms batch N
+    mark batch N-1   |
+    validate N+1     |
+    wait for N's confirms; N's confirmed prefix is marked next iteration
+    send N+1
+
+Rows are never marked delivered before the broker confirmed them, and a batch
+cut short (nack, unroutable, timeout, lost connection) is resent from its first
+unconfirmed row, in position order, keeping each message id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from outbox import validation
+from outbox.errors import EnvelopeError, OutboxError, PublishError, StoreUnavailable
+from outbox.logs import emit
+from outbox.message import OutgoingMessage, build_message
+from outbox.observer import RelayObserver
+from outbox.publisher import RETURNED, Publisher
+from outbox.store import EventRow, Lease, SqlStore
+
+log = logging.getLogger(__name__)
+
+UNROUTABLE_POLICIES = ("retry", "dead")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelaySettings:
+    batch_size: int = 500
+    poll_interval: float = 1.0
+    lease_ttl: float = 15.0
+    confirm_timeout: float = 10.0
+    unroutable: str = "retry"
+    source: str = "/outbox"
+    type_prefix: str = ""
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+    delete_on_delivery: bool = False
+
+    def __post_init__(self) -> None:
+        if self.unroutable not in UNROUTABLE_POLICIES:
+            raise ValueError(f"unroutable must be one of {UNROUTABLE_POLICIES}")
+
+
+class Wakeup:
+    """Set when new work may exist (a NOTIFY); the loop also polls without it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+Validator = Callable[[EventRow, dict[str, object]], None]
+
+
+class Relay:
+    """Publishes the pending rows of the partitions this relay leases."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        publisher: Publisher,
+        settings: RelaySettings | None = None,
+        *,
+        wakeup: Wakeup | None = None,
+        observer: RelayObserver | None = None,
+        content_validator: Validator | None = None,
+        relay_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings or RelaySettings()
+        self.wakeup = wakeup or Wakeup()
+        self.observer = observer or RelayObserver()
+        self.content_validator = content_validator
+        self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease = Lease(epochs={})
+        self._lease_deadline = 0.0
+        self._next_rebalance = 0.0
+        self._inflight: list[OutgoingMessage] = []
+        self._sent_at = 0.0
+        self._to_mark: list[int] = []
+        self._backoff = 0.0
+        self._registered = False
+        self._stop = threading.Event()
+        self.published_total = 0
+
+    # -- public ---------------------------------------------------------------
+
+    @property
+    def partitions(self) -> list[int]:
+        return self._lease.partitions if self._lease_valid() else []
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set, then finish the batch in flight and let go."""
+        emit(log, "relay_started", "relay %s started", self.relay_id, relay_id=self.relay_id)
+        self._stop = stop
+        try:
+            while not stop.is_set():
+                self._step_safely(stop)
+        finally:
+            self._shutdown()
+        emit(log, "relay_stopped", "relay %s stopped", self.relay_id, relay_id=self.relay_id)
+
+    def drain(self, timeout: float = 60.0) -> int:
+        """Publish until no pending row is left in owned partitions; return how many."""
+        start = self.published_total
+        deadline = time.monotonic() + timeout
+        self._stop = threading.Event()
+        try:
+            while time.monotonic() < deadline:
+                if self._step_safely(self._stop, wait_when_idle=False):
+                    break
+        finally:
+            self._shutdown()
+        return self.published_total - start
+
+    # -- the loop ---------------------------------------------------------------
+
+    def _step_safely(self, stop: threading.Event, *, wait_when_idle: bool = True) -> bool:
+        try:
+            idle = self._step()
+            self._backoff = 0.0
+            self.observer.store_available(True)
+        except StoreUnavailable as exc:
+            emit(log, "relay_store_unavailable", "%s", exc, level=logging.WARNING)
+            self.observer.store_available(False)
+            self._settle_inflight()
+            self._sleep(stop)
+            return False
+        except OutboxError as exc:
+            emit(log, "relay_error", "%s", exc, level=logging.ERROR)
+            self._settle_inflight()
+            self._sleep(stop)
+            return False
+        self._observe(self.observer.loop_ticked)
+        if idle and wait_when_idle:
+            self.wakeup.wait(self._idle_timeout())
+        return idle
+
+    def _step(self) -> bool:
+        """One iteration; True when there was nothing to do."""
+        self._maybe_rebalance()
+        self.wakeup.clear()
+        partitions = self.partitions
+        exclude = [m.position for m in self._inflight] + self._to_mark
+        rows = self.store.fetch_pending(partitions, self.settings.batch_size, exclude)
+        self._mark(self._to_mark)
+        messages = self._prepare(rows)
+        if self._inflight and not self._collect():
+            return False  # cut short: resend from the first unconfirmed row, refetched
+        if messages and self._lease_valid():
+            self._send(messages)
+        return not rows and not self._inflight and not self._to_mark
+
+    def _send(self, messages: list[OutgoingMessage]) -> None:
+        try:
+            self.publisher.connect()
+        except PublishError as exc:
+            self.observer.broker_connected(False)
+            emit(log, "relay_broker_unavailable", "%s", exc, level=logging.WARNING)
+            raise
+        self.observer.broker_connected(True)
+        self._sent_at = time.monotonic()
+        self.publisher.send(messages)
+        self._inflight = messages
+
+    def _collect(self) -> bool:
+        """Wait for the batch in flight; queue its confirmed prefix for marking."""
+        batch, self._inflight = self._inflight, []
+        result = self.publisher.wait(self.settings.confirm_timeout)
+        confirmed = batch[: result.confirmed]
+        self._to_mark.extend(m.position for m in confirmed)
+        self.published_total += len(confirmed)
+        if confirmed:
+            self._observe(
+                self.observer.batch_published, len(confirmed), time.monotonic() - self._sent_at
+            )
+        if result.failure is None:
+            return True
+        failed = batch[result.confirmed]
+        self._observe(self.observer.publish_failed, result.failure, len(batch) - len(confirmed))
+        if not self.publisher.connected:
+            self.observer.broker_connected(False)
+        emit(
+            log,
+            "relay_publish_failed",
+            "publish cut short after %d of %d messages (%s: %s); resending from event %s",
+            len(confirmed),
+            len(batch),
+            result.failure,
+            result.detail,
+            failed.message_id,
+            level=logging.WARNING,
+            reason=result.failure,
+            event_id=failed.message_id,
+            key=failed.headers.get("outbox-key"),
+        )
+        if result.failure == RETURNED and self.settings.unroutable == "dead":
+            self._mark(self._to_mark)
+            self.store.mark_dead(failed.position, f"unroutable: {result.detail}")
+            key = str(failed.headers.get("outbox-key"))
+            self._observe(self.observer.event_dead, key, "unroutable")
+        else:
+            self.store.record_failure([failed.position], f"{result.failure}: {result.detail}")
+            self._backoff = min(
+                self.settings.backoff_max, max(self.settings.backoff_initial, self._backoff * 2)
+            )
+            self._stop.wait(self._backoff)
+        return False
+
+    def _mark(self, positions: list[int]) -> None:
+        if positions:
+            self.store.mark_delivered(positions, delete_rows=self.settings.delete_on_delivery)
+            positions.clear()
+
+    def _prepare(self, rows: Sequence[EventRow]) -> list[OutgoingMessage]:
+        """Validate rows into messages; a row that fails is marked dead and holds its key."""
+        messages: list[OutgoingMessage] = []
+        held: set[str] = set()
+        for row in rows:
+            if row.ordering_key in held:
+                continue
+            try:
+                data = json.loads(row.payload)
+                validation.check_envelope(data)
+                if self.content_validator is not None:
+                    self.content_validator(row, data)
+            except (ValueError, EnvelopeError) as exc:
+                reason = str(exc) if isinstance(exc, EnvelopeError) else f"invalid JSON: {exc}"
+                held.add(row.ordering_key)
+                self.store.mark_dead(row.position, reason)
+                emit(
+                    log,
+                    "relay_event_dead",
+                    "event %s marked dead, key %s held: %s",
+                    row.event_id,
+                    row.ordering_key,
+                    reason,
+                    level=logging.ERROR,
+                    event_id=str(row.event_id),
+                    key=row.ordering_key,
+                )
+                self._observe(self.observer.event_dead, row.ordering_key, reason)
+                continue
+            messages.append(
+                build_message(
+                    row,
+                    data["action"],
+                    data["resource"]["schema"],
+                    source=self.settings.source,
+                    type_prefix=self.settings.type_prefix,
+                )
+            )
+        return messages
+
+    # -- leases -----------------------------------------------------------------
+
+    def _lease_valid(self) -> bool:
+        return time.monotonic() < self._lease_deadline
+
+    def _maybe_rebalance(self) -> None:
+        now = time.monotonic()
+        if now < self._next_rebalance:
+            return
+        ttl = self.settings.lease_ttl
+        if not self._registered:
+            self.store.register_relay(self.relay_id, socket.gethostname(), os.getpid())
+            self._registered = True
+        if self._inflight and not self._collect():
+            pass  # never release a partition with messages in flight
+        self._mark(self._to_mark)
+        lease = self.store.rebalance(self.relay_id, ttl)
+        # Count the lease from before the request: the database's expiry is later.
+        self._lease_deadline = now + ttl * 0.8
+        self._next_rebalance = now + ttl / 5
+        if lease.epochs != self._lease.epochs:
+            emit(
+                log,
+                "relay_partitions_changed",
+                "relay %s now publishes partitions %s",
+                self.relay_id,
+                lease.partitions,
+                partitions=lease.partitions,
+            )
+            self._observe(
+                self.observer.partitions_changed, lease.partitions, self.store.partition_count()
+            )
+        self._lease = lease
+
+    # -- shutdown and waiting ---------------------------------------------------
+
+    def _settle_inflight(self) -> None:
+        """After an error: learn what the broker confirmed, keep it for marking."""
+        if self._inflight:
+            try:
+                self._collect()
+            except OutboxError:
+                self._inflight = []
+
+    def _shutdown(self) -> None:
+        try:
+            self._settle_inflight()
+            self._mark(self._to_mark)
+            if self._registered:
+                self.store.release(self.relay_id)
+        except OutboxError as exc:
+            emit(log, "relay_shutdown_incomplete", "%s", exc, level=logging.WARNING)
+        finally:
+            self._registered = False
+            self._lease = Lease(epochs={})
+            self._lease_deadline = 0.0
+            self._next_rebalance = 0.0
+            self.publisher.close()
+
+    def _idle_timeout(self) -> float:
+        until_rebalance = max(0.0, self._next_rebalance - time.monotonic())
+        return min(self.settings.poll_interval, until_rebalance) or 0.001
+
+    def _sleep(self, stop: threading.Event) -> None:
+        self._backoff = min(
+            self.settings.backoff_max, max(self.settings.backoff_initial, self._backoff * 2)
+        )
+        stop.wait(self._backoff)
+
+    def _observe(self, hook: Callable[..., None], *args: object) -> None:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("observer hook %s failed", getattr(hook, "__name__", hook))

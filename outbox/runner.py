@@ -1,0 +1,92 @@
+"""Assemble a running relay from resolved settings: engine, publisher, listener, jobs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from outbox.database import create_outbox_engine, normalize_url
+from outbox.errors import ConfigurationError, OutboxError
+from outbox.logs import emit
+from outbox.publisher import open_publisher
+from outbox.relay import Relay, RelaySettings, Wakeup
+from outbox.store import SqlStore
+
+log = logging.getLogger(__name__)
+
+
+def relay_settings(values: dict[str, Any]) -> RelaySettings:
+    return RelaySettings(
+        batch_size=values["batch_size"],
+        poll_interval=values["poll_interval"],
+        lease_ttl=values["lease_ttl"],
+        confirm_timeout=values["confirm_timeout"],
+        unroutable=values["unroutable"],
+        source=values["source"],
+    )
+
+
+def build_relay(values: dict[str, Any], wakeup: Wakeup | None = None) -> Relay:
+    for required in ("database_url", "broker_url"):
+        if not values.get(required):
+            env = "OUTBOX_" + required.upper()
+            raise ConfigurationError(f"--{required.replace('_', '-')} (or {env}) is required")
+    engine = create_outbox_engine(values["database_url"], pool_size=2, max_overflow=2)
+    store = SqlStore(engine)
+    store.partition_count()  # fails fast, with a clear message, when unmigrated or unreachable
+    publisher = open_publisher(values["broker_url"], values["exchange"])
+    return Relay(store, publisher, relay_settings(values), wakeup=wakeup)
+
+
+def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
+    wakeup = Wakeup()
+    relay = build_relay(values, wakeup)
+    listener = None
+    url = normalize_url(values["database_url"])
+    if values["listen"] and url.get_backend_name() == "postgresql":
+        from outbox.listener import NotifyListener
+
+        listener = NotifyListener(url, wakeup)
+        listener.start()
+    scheduler = BackgroundScheduler(daemon=True)
+    scheduler.add_job(
+        _report_backlog, "interval", args=[relay], seconds=30, id="backlog", coalesce=True
+    )
+    scheduler.start()
+
+    # A stop request must also interrupt an idle wait.
+    def wake_on_stop() -> None:
+        stop.wait()
+        wakeup.set()
+
+    waker = threading.Thread(target=wake_on_stop, daemon=True)
+    waker.start()
+    try:
+        relay.run(stop)
+    finally:
+        scheduler.shutdown(wait=False)
+        if listener is not None:
+            listener.stop()
+        relay.store.engine.dispose()
+
+
+def _report_backlog(relay: Relay) -> None:
+    try:
+        counts = relay.store.counts()
+    except OutboxError as exc:
+        emit(log, "backlog_unknown", "cannot read the backlog: %s", exc, level=logging.WARNING)
+        return
+    emit(
+        log,
+        "backlog",
+        "pending %d, dead %d, oldest pending %ss",
+        counts["pending"],
+        counts["dead"],
+        counts["oldest_pending_age_seconds"],
+        pending=counts["pending"],
+        dead=counts["dead"],
+        oldest_pending_age_seconds=counts["oldest_pending_age_seconds"],
+    )

@@ -1,0 +1,231 @@
+"""Every setting of the CLI, declared once: flag, environment variable, default, meaning.
+
+The CLI's flags and the configuration reference (docs/configuration.md) are
+both generated from :data:`SETTINGS`, so they cannot drift. A secret setting
+may also be read from a file named by ``OUTBOX_<NAME>_FILE`` (Docker and
+Kubernetes secrets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from outbox.errors import ConfigurationError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    name: str  # snake_case; flag --kebab-case, env OUTBOX_UPPER_CASE
+    help: str
+    default: Any = None
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+    commands: tuple[str, ...] = ()  # empty: every command
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "OUTBOX_" + self.name.upper()
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"expected a whole number above 0, got {text!r}")
+    return value
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected on/off (true/false, 1/0), got {text!r}")
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {text!r}")
+        return text
+
+    parse.__name__ = "one of " + "|".join(options)
+    return parse
+
+
+RELAY = ("relay", "demo")
+DEFAULT_DATABASE_URL = "sqlite:///outbox-demo/outbox.db"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        name="database_url",
+        help="SQLAlchemy URL of the database holding the outbox tables "
+        "(postgresql://user@host/db uses psycopg 3)",
+        secret=True,
+    ),
+    Setting(
+        name="broker_url",
+        help="kombu URL of the broker (amqp://user:pass@host:5672//); "
+        "AMQP URLs get pipelined publisher confirms",
+        secret=True,
+    ),
+    Setting(name="exchange", help="topic exchange the relay publishes to", default="outbox"),
+    Setting(
+        name="batch_size",
+        help="rows fetched and published per batch",
+        default=500,
+        parse=positive_int,
+        commands=RELAY,
+    ),
+    Setting(
+        name="poll_interval",
+        help="seconds between polls when no NOTIFY wakes the relay",
+        default=1.0,
+        parse=positive_float,
+        commands=RELAY,
+    ),
+    Setting(
+        name="lease_ttl",
+        help="seconds a partition lease lasts; a dead relay's partitions move "
+        "to the others within this time",
+        default=15.0,
+        parse=positive_float,
+        commands=RELAY,
+    ),
+    Setting(
+        name="confirm_timeout",
+        help="seconds to wait for the broker to confirm a batch before resending it",
+        default=10.0,
+        parse=positive_float,
+        commands=RELAY,
+    ),
+    Setting(
+        name="unroutable",
+        help="what to do with a message no queue is bound for: retry (keep it "
+        "pending, back off) or dead (mark it dead, hold its key)",
+        default="retry",
+        parse=choice("retry", "dead"),
+        commands=RELAY,
+    ),
+    Setting(
+        name="listen",
+        help="wake up on PostgreSQL NOTIFY (needs a session connection, not a "
+        "transaction-mode pooler)",
+        default=True,
+        parse=boolean,
+        commands=RELAY,
+    ),
+    Setting(
+        name="source",
+        help="CloudEvents source attribute (ce-source) of every message",
+        default="/outbox",
+        commands=RELAY,
+    ),
+    Setting(
+        name="log_format",
+        help="log output: json, text, or auto (text on a terminal, json otherwise)",
+        default="auto",
+        parse=choice("auto", "json", "text"),
+    ),
+    Setting(
+        name="log_level",
+        help="minimum log level",
+        default="INFO",
+        parse=choice("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
+)
+
+BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+def applies_to(setting: Setting, command: str) -> bool:
+    return not setting.commands or command in setting.commands
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Flags for ``command``; their defaults come from the environment at parse time."""
+    for setting in SETTINGS:
+        if not applies_to(setting, command):
+            continue
+        default = f" (default: {setting.default})" if setting.default is not None else ""
+        file_hint = f"; or a file named by {setting.env}_FILE" if setting.secret else ""
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            metavar=setting.name.split("_")[-1].upper(),
+            help=f"{setting.help}{default} [env: {setting.env}{file_hint}]",
+        )
+
+
+def resolve(
+    values: Mapping[str, Any], command: str, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Flag value, else environment (or ``_FILE``), else default; parsed and checked."""
+    environ = os.environ if environ is None else environ
+    resolved: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if not applies_to(setting, command):
+            continue
+        raw = values.get(setting.name)
+        origin = setting.flag
+        if raw is None and setting.env in environ:
+            raw, origin = environ[setting.env], setting.env
+        if raw is None and setting.secret and f"{setting.env}_FILE" in environ:
+            raw, origin = (
+                _read_secret(environ[f"{setting.env}_FILE"], setting),
+                setting.env + "_FILE",
+            )
+        if raw is None:
+            resolved[setting.name] = setting.default
+            continue
+        try:
+            resolved[setting.name] = setting.parse(str(raw)) if isinstance(raw, str) else raw
+        except ValueError as exc:
+            raise ConfigurationError(f"{origin}: {exc}") from None
+    return resolved
+
+
+def _read_secret(path: str, setting: Setting) -> str:
+    try:
+        return Path(path).read_text("utf-8").strip()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{setting.env}_FILE: cannot read {path!r}: {exc.strerror}"
+        ) from None
+
+
+def reference_markdown(settings: Iterable[Setting] = SETTINGS) -> str:
+    """The configuration reference table, as written to docs/configuration.md."""
+    lines = [
+        "| Flag | Environment variable | Default | Commands | Meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in settings:
+        env = f"`{s.env}`" + (f" or `{s.env}_FILE`" if s.secret else "")
+        default = "(required)" if s.default is None else f"`{s.default}`"
+        commands = ", ".join(s.commands) if s.commands else "all"
+        lines.append(f"| `{s.flag}` | {env} | {default} | {commands} | {s.help} |")
+    return "\n".join(lines) + "\n"

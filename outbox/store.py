@@ -1,0 +1,366 @@
+"""All SQL the relay runs: fetching, state transitions, partition leases, status.
+
+The store owns ordering (rows are handed out in position order, per owned
+partition, skipping keys held by a dead row), leadership (partition leases with
+an epoch as fencing token) and translation of driver errors into
+:mod:`outbox.errors`, in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import uuid
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import all_ as sql_all
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, ProgrammingError
+
+from outbox import table
+from outbox.database import redact
+from outbox.errors import SchemaNotMigrated, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+E = table.event
+P = table.partition
+R = table.relay
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EventRow:
+    """One outbox row as the relay sees it."""
+
+    position: int
+    event_id: uuid.UUID
+    ordering_key: str
+    partition: int
+    routing_key: str
+    resource_type: str
+    payload: str
+    headers: dict[str, str] | None
+    schema_version: int | None
+    created_at: dt.datetime
+    attempts: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Lease:
+    """Partitions this relay owns, with the epoch at which it acquired each."""
+
+    epochs: dict[int, int]
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self.epochs)
+
+
+_EVENT_COLUMNS = (
+    E.c.position,
+    E.c.event_id,
+    E.c.ordering_key,
+    E.c.partition,
+    E.c.routing_key,
+    E.c.resource_type,
+    E.c.payload,
+    E.c.headers,
+    E.c.schema_version,
+    E.c.created_at,
+    E.c.attempts,
+)
+
+
+class SqlStore:
+    """The outbox store over any SQLAlchemy engine (PostgreSQL in production, SQLite embedded)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_postgresql = engine.dialect.name == "postgresql"
+
+    # -- plumbing -------------------------------------------------------------
+
+    @contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except NoSuchTableError:
+            raise SchemaNotMigrated(
+                "the outbox tables do not exist: run `outbox migrate`"
+            ) from None
+        except (OperationalError, ProgrammingError, DBAPIError) as exc:
+            message = redact(str(exc.orig) if exc.orig is not None else str(exc)).strip()
+            first_line = message.splitlines()[0] if message else type(exc).__name__
+            if "outbox_" in message and ("does not exist" in message or "no such table" in message):
+                raise SchemaNotMigrated(
+                    f"the outbox tables do not exist ({first_line}): run `outbox migrate`"
+                ) from None
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise StoreUnavailable(f"database unavailable: {first_line}") from exc
+            raise StoreError(f"database error: {first_line}") from exc
+
+    def _run(self, work: Callable[[Connection], T]) -> T:
+        with self._translate_errors(), self.engine.begin() as connection:
+            return work(connection)
+
+    def _at(self, seconds: float = 0.0) -> Any:
+        """The database's clock shifted by ``seconds`` (SQLite: this host's UTC clock)."""
+        if self.is_postgresql:
+            return func.now() + dt.timedelta(seconds=seconds) if seconds else func.now()
+        # SQLite has no timestamp arithmetic; it stores naive UTC text.
+        return dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(seconds=seconds)
+
+    # -- relay: fetch and transitions -----------------------------------------
+
+    def fetch_pending(
+        self, partitions: Sequence[int], limit: int, exclude: Collection[int] = ()
+    ) -> list[EventRow]:
+        """Pending rows of ``partitions`` in position order, skipping held keys.
+
+        ``exclude`` names positions already published and awaiting their mark;
+        they are skipped exactly (never by range), so that a row that committed
+        late below them is still picked up in order.
+        """
+        if not partitions:
+            return []
+        dead = E.alias("dead")
+        query = (
+            select(*_EVENT_COLUMNS)
+            .where(
+                E.c.state == table.PENDING,
+                E.c.partition.in_(partitions),
+                ~exists().where(
+                    dead.c.state == table.DEAD,
+                    dead.c.ordering_key == E.c.ordering_key,
+                    dead.c.position < E.c.position,
+                ),
+            )
+            .order_by(E.c.position)
+            .limit(limit)
+        )
+        params: dict[str, Any] = {}
+        if exclude:
+            if self.is_postgresql:
+                query = query.where(
+                    E.c.position != sql_all(bindparam("exclude", type_=ARRAY(BigInteger())))
+                )
+                params["exclude"] = list(exclude)
+            else:
+                query = query.where(E.c.position.not_in(list(exclude)))
+
+        def work(connection: Connection) -> list[EventRow]:
+            return [EventRow(**row._mapping) for row in connection.execute(query, params)]
+
+        return self._run(work)
+
+    def mark_delivered(self, positions: Sequence[int], *, delete_rows: bool = False) -> int:
+        """Record that the broker confirmed these rows. Returns how many changed."""
+        if not positions:
+            return 0
+        where = and_(E.c.position.in_(list(positions)), E.c.state == table.PENDING)
+        statement: Any
+        if delete_rows:
+            statement = delete(E).where(where)
+        else:
+            statement = (
+                update(E)
+                .where(where)
+                .values(
+                    state=table.DELIVERED,
+                    delivered_at=self._at(),
+                    attempts=E.c.attempts + 1,
+                    last_error=None,
+                )
+            )
+        return self._run(lambda c: c.execute(statement).rowcount)
+
+    def mark_dead(self, position: int, reason: str) -> None:
+        statement = (
+            update(E)
+            .where(E.c.position == position, E.c.state == table.PENDING)
+            .values(state=table.DEAD, last_error=reason[:4000], attempts=E.c.attempts + 1)
+        )
+        self._run(lambda c: c.execute(statement))
+
+    def record_failure(self, positions: Sequence[int], error: str) -> None:
+        """Count a failed attempt on rows that stay pending."""
+        if not positions:
+            return
+        statement = (
+            update(E)
+            .where(E.c.position.in_(list(positions)), E.c.state == table.PENDING)
+            .values(attempts=E.c.attempts + 1, last_error=redact(error)[:4000])
+        )
+        self._run(lambda c: c.execute(statement))
+
+    # -- leases ---------------------------------------------------------------
+
+    def partition_count(self) -> int:
+        return self._run(lambda c: c.execute(select(func.count()).select_from(P)).scalar_one())
+
+    def register_relay(self, relay_id: str, hostname: str, pid: int) -> None:
+        def work(connection: Connection) -> None:
+            connection.execute(delete(R).where(R.c.relay_id == relay_id))
+            connection.execute(
+                insert(R).values(
+                    relay_id=relay_id,
+                    hostname=hostname,
+                    pid=pid,
+                    started_at=self._at(),
+                    heartbeat_at=self._at(),
+                )
+            )
+
+        self._run(work)
+
+    def renew(self, relay_id: str, ttl: float) -> Lease:
+        """Extend this relay's heartbeat and leases; return what it still owns."""
+        expires = self._at(ttl)
+        now = self._at()
+
+        def work(connection: Connection) -> Lease:
+            connection.execute(update(R).where(R.c.relay_id == relay_id).values(heartbeat_at=now))
+            rows = connection.execute(
+                update(P)
+                .where(P.c.owner == relay_id)
+                .values(lease_expires_at=expires)
+                .returning(P.c.partition, P.c.epoch)
+            )
+            return Lease(epochs={r.partition: r.epoch for r in rows})
+
+        return self._run(work)
+
+    def rebalance(self, relay_id: str, ttl: float) -> Lease:
+        """Renew, then release partitions above this relay's fair share or claim up to it.
+
+        Live relays are those whose heartbeat is younger than ``ttl``; a
+        partition is free when unowned or its lease expired. Claiming bumps the
+        partition's epoch, which fences out the previous owner.
+        """
+        expires = self._at(ttl)
+        stale = self._at(-ttl)
+        now = self._at()
+
+        def work(connection: Connection) -> Lease:
+            connection.execute(update(R).where(R.c.relay_id == relay_id).values(heartbeat_at=now))
+            connection.execute(delete(R).where(R.c.heartbeat_at < stale))
+            live = connection.execute(select(func.count()).select_from(R)).scalar_one()
+            total = connection.execute(select(func.count()).select_from(P)).scalar_one()
+            share = math.ceil(total / max(live, 1))
+            owned = {
+                r.partition: r.epoch
+                for r in connection.execute(
+                    update(P)
+                    .where(P.c.owner == relay_id)
+                    .values(lease_expires_at=expires)
+                    .returning(P.c.partition, P.c.epoch)
+                )
+            }
+            if len(owned) > share:
+                extra = sorted(owned)[share:]
+                connection.execute(
+                    update(P)
+                    .where(P.c.partition.in_(extra), P.c.owner == relay_id)
+                    .values(owner=None, lease_expires_at=None)
+                )
+                for p in extra:
+                    del owned[p]
+            elif len(owned) < share:
+                free = (
+                    select(P.c.partition)
+                    .where(or_(P.c.owner.is_(None), P.c.lease_expires_at < now))
+                    .order_by(P.c.partition)
+                    .limit(share - len(owned))
+                )
+                if self.is_postgresql:
+                    free = free.with_for_update(skip_locked=True)
+                claimed = connection.execute(
+                    update(P)
+                    .where(P.c.partition.in_(free.scalar_subquery()))
+                    .values(owner=relay_id, lease_expires_at=expires, epoch=P.c.epoch + 1)
+                    .returning(P.c.partition, P.c.epoch)
+                )
+                owned.update({r.partition: r.epoch for r in claimed})
+            return Lease(epochs=owned)
+
+        return self._run(work)
+
+    def release(self, relay_id: str) -> None:
+        """Give up every partition at once (clean shutdown) so others need not wait."""
+
+        def work(connection: Connection) -> None:
+            connection.execute(
+                update(P).where(P.c.owner == relay_id).values(owner=None, lease_expires_at=None)
+            )
+            connection.execute(delete(R).where(R.c.relay_id == relay_id))
+
+        self._run(work)
+
+    # -- status ---------------------------------------------------------------
+
+    def counts(self) -> dict[str, Any]:
+        """Rows per state and the age of the oldest pending row."""
+
+        def work(connection: Connection) -> dict[str, Any]:
+            by_state = dict.fromkeys(table.STATES, 0)
+            for state, count in connection.execute(
+                select(E.c.state, func.count()).group_by(E.c.state)
+            ):
+                by_state[state] = count
+            oldest, now = connection.execute(
+                select(
+                    select(func.min(E.c.created_at))
+                    .where(E.c.state == table.PENDING)
+                    .scalar_subquery(),
+                    self._at(),
+                )
+            ).one()
+            age = _age_seconds(oldest, now)
+            held = connection.execute(
+                select(func.count(func.distinct(E.c.ordering_key))).where(E.c.state == table.DEAD)
+            ).scalar_one()
+            return {**by_state, "oldest_pending_age_seconds": age, "held_keys": held}
+
+        return self._run(work)
+
+    def partitions(self) -> list[dict[str, Any]]:
+        def work(connection: Connection) -> list[dict[str, Any]]:
+            live = case((P.c.lease_expires_at > self._at(), P.c.owner), else_=None)
+            rows = connection.execute(
+                select(P.c.partition, live.label("owner"), P.c.epoch).order_by(P.c.partition)
+            )
+            return [dict(r._mapping) for r in rows]
+
+        return self._run(work)
+
+
+def _age_seconds(oldest: Any, now: Any) -> float | None:
+    if oldest is None:
+        return None
+    if isinstance(oldest, str):  # SQLite returns CURRENT_TIMESTAMP text
+        oldest = dt.datetime.fromisoformat(oldest)
+    if isinstance(now, str):
+        now = dt.datetime.fromisoformat(now)
+    if oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=dt.UTC)
+    age: float = (now - oldest).total_seconds()
+    return max(0.0, round(age, 3))
