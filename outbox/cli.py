@@ -7,6 +7,7 @@ codes); the work is done by the library modules.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -28,6 +29,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# Modules that add sub-commands: each defines add_commands(command), where
+# command(name, help, run) returns a sub-parser with the shared settings added.
+COMMAND_MODULES: tuple[str, ...] = ("outbox.cli_schemas", "outbox.cli_ops")
 
 log = logging.getLogger("outbox")
 
@@ -179,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("relay", "forward committed events to the broker until SIGTERM", cmd_relay)
     status = command("status", "show the backlog, dead rows and partition owners", cmd_status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(command)
     return parser
 
 

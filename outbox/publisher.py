@@ -195,7 +195,7 @@ class AmqpPublisher:
                         content_type=message.content_type,
                         delivery_mode=2,
                         message_id=message.message_id,
-                        timestamp=message.timestamp,
+                        timestamp=int(message.timestamp.timestamp()),
                         application_headers=message.headers,
                     ),
                     exchange=self.exchange,

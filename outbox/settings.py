@@ -143,6 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
         default="/outbox",
         commands=RELAY,
     ),
+    # -- relay performance and scale-out settings (issue 4) --
+    # -- schema registry settings (issue 5) --
+    # -- operations settings: metrics, health, retention, TLS (issue 6) --
     Setting(
         name="log_format",
         help="log output: json, text, or auto (text on a terminal, json otherwise)",
