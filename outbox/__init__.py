@@ -8,23 +8,31 @@ from __future__ import annotations
 
 from outbox.envelope import Action, Envelope, ResourceReference
 from outbox.errors import (
+    BulkChangeError,
     ConfigurationError,
     ContentEncodingError,
     EnvelopeError,
     OutboxError,
+    ResourceContentError,
 )
+from outbox.hooks import child_of, instrument, resource
 from outbox.producer import ProducerOptions, configure, flush_events, publish
 
 __all__ = [
     "Action",
+    "BulkChangeError",
     "ConfigurationError",
     "ContentEncodingError",
     "Envelope",
     "EnvelopeError",
     "OutboxError",
     "ProducerOptions",
+    "ResourceContentError",
     "ResourceReference",
+    "child_of",
     "configure",
     "flush_events",
+    "instrument",
     "publish",
+    "resource",
 ]

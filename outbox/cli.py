@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from outbox import settings as config
 from outbox.database import create_outbox_engine, normalize_url, redact
 from outbox.errors import ConfigurationError, OutboxError, SchemaNotMigrated, StoreUnavailable
+from outbox.logs import emit
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -32,7 +33,7 @@ EXIT_INTERRUPTED = 130
 
 # Modules that add sub-commands: each defines add_commands(command), where
 # command(name, help, run) returns a sub-parser with the shared settings added.
-COMMAND_MODULES: tuple[str, ...] = ("outbox.cli_schemas", "outbox.cli_ops")
+COMMAND_MODULES: tuple[str, ...] = ("outbox.cli_schemas", "outbox.cli_ops", "outbox.cli_deploy")
 
 log = logging.getLogger("outbox")
 
@@ -129,7 +130,8 @@ def _signals(stop: threading.Event) -> Iterator[None]:
     def handle(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
             raise SystemExit(EXIT_INTERRUPTED)
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        emit(log, "relay_signal_received", "received %s, stopping", name, signal=name)
         stop.set()
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -1,13 +1,266 @@
-"""The operator commands (dead, replay, check)."""
+"""The operator commands: dead, replay, check, drain."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import getpass
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from outbox.admin import AdminStore
+from outbox.errors import ConfigurationError
 
 CommandFactory = Callable[[str, str, Callable[..., int]], argparse.ArgumentParser]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+DEAD_ACTIONS = ("list", "show", "retry", "skip")
 
 
 def add_commands(command: CommandFactory) -> None:
     """Register this module's sub-commands with ``command(name, help, run)``."""
-    del command
+    dead = command(
+        "dead",
+        "inspect dead rows (list, show) and resolve them (retry, skip); every change "
+        "is recorded with who and why",
+        cmd_dead,
+    )
+    dead.add_argument("action", choices=DEAD_ACTIONS, help="what to do")
+    dead.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="events (show/retry/skip)")
+    dead.add_argument("--json", action="store_true", help="print JSON (list, show)")
+    dead.add_argument("--limit", type=int, default=1000, help="rows listed (default 1000)")
+    dead.add_argument(
+        "--actor", default=None, help="who makes the change (default: $USER) [retry, skip]"
+    )
+    dead.add_argument("--reason", default=None, help="why; required for retry and skip")
+
+    replay = command(
+        "replay",
+        "re-publish delivered events, keeping their event ids, in their original order "
+        "(batch size and CloudEvents source: the relay's OUTBOX_BATCH_SIZE, OUTBOX_SOURCE)",
+        cmd_replay,
+    )
+    replay.add_argument("--since", help="events created since this time (ISO 8601) or age (2h)")
+    replay.add_argument("--key", action="append", default=[], help="ordering key (repeatable)")
+    replay.add_argument("--ids", nargs="+", default=[], metavar="EVENT_ID", help="event ids")
+    replay.add_argument("--after-position", type=int, default=0, help="resume after this position")
+    replay.add_argument("--dry-run", action="store_true", help="count the events, publish none")
+
+    command(
+        "check",
+        "verify database, migrations, permissions, broker and exchange; one line per "
+        "check with a fix for each failure; exit code 0 only if all passed",
+        cmd_check,
+    )
+
+    drain = command(
+        "drain",
+        "publish the pending backlog of the partitions this process can claim, then "
+        "exit (with progress on a terminal)",
+        cmd_drain,
+    )
+    drain.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up after this many seconds"
+    )
+
+
+# -- dead ---------------------------------------------------------------------
+
+
+def cmd_dead(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox.admin import RETRY, SKIP
+
+    ids = [_event_id(text) for text in args.event_ids]
+    if args.action == "list":
+        return _dead_list(values, args)
+    if not ids:
+        raise ConfigurationError(f"outbox dead {args.action}: give at least one EVENT_ID")
+    if args.action == "show":
+        return _dead_show(values, ids, as_json=args.json)
+    if not args.reason or not args.reason.strip():
+        raise ConfigurationError(f"outbox dead {args.action}: --reason is required (why?)")
+    actor = args.actor or os.environ.get("USER") or _login()
+    operation = RETRY if args.action == "retry" else SKIP
+    with _admin_store(values) as store:
+        store.resolve_dead(ids, operation, actor=actor, reason=args.reason.strip())
+    verb = "back to pending" if operation == RETRY else "skipped"
+    for event_id in ids:
+        print(f"{event_id} {verb} (by {actor}: {args.reason.strip()})")
+    return EXIT_OK
+
+
+def _dead_list(values: dict[str, Any], args: argparse.Namespace) -> int:
+    with _admin_store(values) as store:
+        rows = store.dead_rows(limit=args.limit)
+    if args.json:
+        print(json.dumps([row.to_json() for row in rows]))
+        return EXIT_OK
+    if not rows:
+        print("no dead rows")
+        return EXIT_OK
+    print(f"{'EVENT ID':<36}  {'KEY':<24} {'CREATED':<19}  {'HELD':>5}  REASON")
+    for row in rows:
+        reason = (row.reason or "").splitlines()[0] if row.reason else ""
+        print(
+            f"{row.event_id!s:<36}  {row.ordering_key[:24]:<24} "
+            f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.held_behind:>5}  {reason[:80]}"
+        )
+    return EXIT_OK
+
+
+def _dead_show(values: dict[str, Any], ids: list[uuid.UUID], *, as_json: bool) -> int:
+    from outbox.admin import NotDead
+
+    with _admin_store(values) as store:
+        details = [(event_id, store.event_detail(event_id)) for event_id in ids]
+    missing = [str(event_id) for event_id, detail in details if detail is None]
+    if missing:
+        raise NotDead(f"no such event: {', '.join(missing)}")
+    if as_json:
+        print(json.dumps([detail for _, detail in details], default=str))
+        return EXIT_OK
+    for _, detail in details:
+        assert detail is not None
+        audit = detail.pop("audit")
+        for name, value in detail.items():
+            print(f"{name:<15} {value}")
+        for entry in audit:
+            print(
+                f"audit           {entry['at']} {entry['operation']} by {entry['actor']}: "
+                f"{entry['reason']}"
+            )
+        print()
+    return EXIT_OK
+
+
+# -- replay -------------------------------------------------------------------
+
+
+def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox import settings as config
+    from outbox.progress import Progress
+    from outbox.publisher import open_publisher
+    from outbox.replay import ReplaySelection, replay
+    from outbox.runner import broker_tls
+    from outbox.units import point_in_time
+
+    try:
+        since = point_in_time(args.since) if args.since else None
+        selection = ReplaySelection(
+            since=since,
+            keys=args.key,
+            event_ids=[_event_id(text) for text in args.ids],
+            after_position=args.after_position,
+        )
+    except ValueError as exc:
+        raise ConfigurationError(f"outbox replay: {exc}") from None
+    relay_values = {**config.resolve({}, "relay"), **values}  # batch size, source
+    with _admin_store(values) as store:
+        total = store.count_for_replay(
+            since=selection.since, keys=selection.keys, event_ids=selection.event_ids
+        )
+        if args.dry_run:
+            print(f"{total} delivered events match; nothing published (--dry-run)")
+            return EXIT_OK
+        _require(values, "broker_url")
+        publisher = open_publisher(values["broker_url"], values["exchange"], ssl=broker_tls(values))
+        progress = Progress("replay", total)
+        result = replay(
+            store,
+            publisher,
+            selection,
+            source=relay_values["source"],
+            batch_size=relay_values["batch_size"],
+            on_progress=progress.advance,
+        )
+        progress.finish()
+    print(
+        f"replayed {result.published} events to exchange {values['exchange']!r} "
+        f"(last position {result.last_position})"
+    )
+    return EXIT_OK
+
+
+# -- check --------------------------------------------------------------------
+
+
+def cmd_check(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox.check import run_checks
+
+    passed = True
+    for result in run_checks(values):
+        print(result.line(), flush=True)
+        passed = passed and result.passed
+    print("all checks passed" if passed else "some checks failed")
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+# -- drain --------------------------------------------------------------------
+
+
+def cmd_drain(values: dict[str, Any], args: argparse.Namespace) -> int:
+    from outbox import settings as config
+    from outbox.observer import RelayObserver
+    from outbox.progress import Progress
+    from outbox.runner import build_relay
+
+    # The relay's own settings (batch size, timeouts...) from the environment.
+    relay_values = {**config.resolve({}, "relay"), **values}
+    relay = build_relay(relay_values)
+    pending = relay.store.backlog().pending
+    progress = Progress("drain", pending)
+
+    class Advance(RelayObserver):
+        def batch_published(self, count: int, seconds: float) -> None:
+            progress.advance(count)
+
+    relay.observer = Advance()
+    try:
+        published = relay.drain(timeout=args.timeout)
+        progress.finish()
+        left = relay.store.backlog().pending
+    finally:
+        relay.store.engine.dispose()
+    print(f"published {published} events; {left} still pending")
+    return EXIT_OK
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+@contextmanager
+def _admin_store(values: dict[str, Any]) -> Iterator[AdminStore]:
+    from outbox.database import create_outbox_engine
+
+    store = AdminStore(create_outbox_engine(_require(values, "database_url")))
+    try:
+        yield store
+    finally:
+        store.engine.dispose()
+
+
+def _require(values: dict[str, Any], name: str) -> str:
+    value = values.get(name)
+    if not value:
+        flag, env = "--" + name.replace("_", "-"), "OUTBOX_" + name.upper()
+        raise ConfigurationError(f"{flag} (or {env}) is required")
+    return str(value)
+
+
+def _event_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ConfigurationError(f"not an event id (a UUID): {text!r}") from None
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

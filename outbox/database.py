@@ -31,7 +31,7 @@ def normalize_url(url: str | URL) -> URL:
     """Parse a SQLAlchemy URL, choosing psycopg 3 for bare PostgreSQL URLs."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigurationError(
             f"database URL {redact(str(url))!r} is not a SQLAlchemy URL; "
             "expected e.g. postgresql://user@host:5432/dbname or sqlite:///outbox.db"

@@ -1,9 +1,10 @@
 """``outbox demo``: the whole path on one machine with no server.
 
 SQLite holds the resources and the outbox; kombu's filesystem transport is the
-broker. The demo writes resources and their events in one transaction each
-(and one transaction that rolls back), drains the relay, then consumes and
-prints every message.
+broker. The demo changes resources through an instrumented session factory, so
+the session hooks write their events in the same transaction (one transaction
+rolls back and publishes nothing), drains the relay, then consumes and prints
+every message.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import kombu
-from sqlalchemy import Integer, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import ForeignKeyConstraint, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
 from outbox import migrate
 from outbox.database import create_outbox_engine
-from outbox.envelope import Action, Envelope, ResourceReference
-from outbox.producer import publish
+from outbox.hooks import child_of, instrument, resource
 from outbox.publisher import KombuPublisher
 from outbox.relay import Relay, RelaySettings
 from outbox.store import SqlStore
@@ -31,20 +31,30 @@ class _Base(DeclarativeBase):
     pass
 
 
+@resource(schema=CASE_SCHEMA, resource_type="case")
 class DemoCase(_Base):
     __tablename__ = "demo_case"
     tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer, default=1)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
     title: Mapped[str] = mapped_column(String(200))
+    notes: Mapped[list[DemoNote]] = relationship(back_populates="case")
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
 
-    def content(self) -> dict[str, Any]:
-        return {
-            "tenantId": self.tenant_id,
-            "id": self.id,
-            "version": self.version,
-            "title": self.title,
-        }
+
+@child_of("case")
+class DemoNote(_Base):
+    """Adding a note is an update of its case (one event, a new version)."""
+
+    __tablename__ = "demo_note"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    case_id: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(String(200))
+    case: Mapped[DemoCase] = relationship(back_populates="notes")
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "case_id"], ["demo_case.tenant_id", "demo_case.id"]),
+    )
 
 
 def broker_url(directory: Path) -> tuple[str, dict[str, Any]]:
@@ -90,34 +100,24 @@ def run_demo(values: dict[str, Any], *, directory: str, count: int) -> int:
 
 
 def _write_resources(engine: Any, count: int) -> int:
-    with Session(engine) as session:
+    # The session hooks write each event: no publish() call below.
+    factory = instrument(sessionmaker(engine))
+    with factory() as session:
         start = (session.query(DemoCase.id).order_by(DemoCase.id.desc()).limit(1).scalar() or 0) + 1
     ids = list(range(start, start + count))
     for case_id in ids:
-        with Session(engine) as session, session.begin():
-            case = DemoCase(tenant_id=1, id=case_id, title=f"Case {case_id}")
-            session.add(case)
-            session.flush()
-            publish(
-                session, Envelope(action=Action.CREATE, schema=CASE_SCHEMA, content=case.content())
-            )
-    with Session(engine) as session, session.begin():
+        with factory.begin() as session:
+            session.add(DemoCase(tenant_id=1, id=case_id, title=f"Case {case_id}"))
+    with factory.begin() as session:
         case = session.get_one(DemoCase, (1, ids[0]))
-        case.title, case.version = "Renamed", case.version + 1
-        publish(session, Envelope(action=Action.UPDATE, schema=CASE_SCHEMA, content=case.content()))
-    with Session(engine) as session, session.begin():
-        case = session.get_one(DemoCase, (1, ids[-1]))
-        session.delete(case)
-        reference = ResourceReference(tenant_id=1, id=case.id, version=case.version)
-        publish(session, Envelope(action=Action.DELETE, schema=CASE_SCHEMA, content=reference))
-    with Session(engine) as session:
+        case.title = "Renamed"
+        session.add(DemoNote(case=case, text="renamed on request"))
+    with factory.begin() as session:
+        session.delete(session.get_one(DemoCase, (1, ids[-1])))
+    with factory() as session:
         session.begin()
-        publish(
-            session,
-            Envelope(
-                action=Action.UPDATE, schema=CASE_SCHEMA, content={"tenantId": 1, "id": ids[0]}
-            ),
-        )
+        session.get_one(DemoCase, (1, ids[0])).title = "Never"
+        session.flush()
         session.rollback()  # no event: the change it described never happened
     return ids[0]
 

@@ -110,7 +110,7 @@ class Envelope:
     def from_json(cls, text: str | bytes) -> Envelope:
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise EnvelopeError(f"envelope is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise EnvelopeError("envelope must be a JSON object")

@@ -53,3 +53,11 @@ class BrokerUnavailable(PublishError):
 
 class LeaseLost(OutboxError):
     """This relay no longer owns a partition it was publishing."""
+
+
+class ResourceContentError(EnvelopeError):
+    """A published resource's event could not be built (content does not serialise or validate)."""
+
+
+class BulkChangeError(OutboxError):
+    """A bulk ORM statement would change published resources without publishing their events."""

@@ -35,6 +35,14 @@ class NotifyListener:
         self.listening = threading.Event()
 
     def start(self) -> None:
+        emit(
+            log,
+            "listener_started",
+            "waking up on NOTIFY %s; LISTEN needs a session connection: behind PgBouncer "
+            "in transaction mode, run with --listen off (the relay then polls)",
+            self._channel,
+            channel=self._channel,
+        )
         self._thread.start()
 
     def stop(self) -> None:

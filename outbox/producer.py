@@ -15,18 +15,22 @@ that key, which is what the relay relies on.
 
 from __future__ import annotations
 
+import json
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, func, select, text
 from sqlalchemy.orm import Session, SessionTransaction
 
-from outbox import codec, ordering, table, validation
+from outbox import codec, fastcheck, ordering, table, tracing
 from outbox.envelope import Envelope
 from outbox.errors import SchemaNotMigrated
+
+if TYPE_CHECKING:
+    from outbox.registry import SchemaRegistry
 
 NOTIFY_CHANNEL = "outbox_event"
 OPTIONS_KEY = "outbox.producer_options"
@@ -40,9 +44,18 @@ class ProducerOptions:
     ``notify``: send ``pg_notify`` from the producer's transaction so that an
     idle relay wakes up at commit. It serialises commits briefly inside
     PostgreSQL; turn it off for very write-heavy services and let the relay poll.
+
+    ``schemas``: a :class:`~outbox.registry.SchemaRegistry`; content whose
+    ``resource.schema`` is registered is validated at ``publish`` and the row
+    records the version it was validated against. ``strict``: refuse a URI the
+    registry does not know (default: accept it, logged once per URI).
+    ``validate``: turn content validation off for this service.
     """
 
     notify: bool = True
+    schemas: SchemaRegistry | None = None
+    strict: bool = False
+    validate: bool = True
 
 
 DEFAULT_OPTIONS = ProducerOptions()
@@ -68,19 +81,28 @@ def prepare_row(
     resource_type: str | None = None,
     routing_key: str | None = None,
     headers: Mapping[str, str] | None = None,
+    options: ProducerOptions = DEFAULT_OPTIONS,
 ) -> dict[str, Any]:
-    """Validate an envelope and turn it into an outbox row (no I/O).
+    """Validate an envelope and turn it into an outbox row (no I/O but a registry reload).
 
-    Raises :class:`~outbox.errors.EnvelopeError` (or its subclass
-    ``ContentEncodingError``) before anything is written.
+    Raises :class:`~outbox.errors.EnvelopeError` (or its subclasses
+    ``ContentEncodingError``, ``ContentValidationError``) before anything is written.
     """
     data = envelope.to_dict()
-    validation.check_envelope(data)
+    fastcheck.check_envelope(data)  # jsonschema's rules, without its cost per event
+    schema_version = None
+    if options.schemas is not None and options.validate:
+        checked = options.schemas.check_content(
+            envelope.schema, data["resource"]["content"], strict=options.strict
+        )
+        schema_version = checked.version if checked is not None else None
     resource_type = resource_type or ordering.default_resource_type(envelope.schema)
     if key is None:
         content = data["resource"]["content"]
         key = ordering.default_key(resource_type, content)
     extra = dict(headers) if headers else {}
+    for name, value in tracing.current_trace_headers().items():
+        extra.setdefault(name, value)  # an explicit traceparent wins
     reference = envelope.reference
     if reference is not None:
         extra.setdefault("outbox-resource-version", str(reference.version))
@@ -91,6 +113,7 @@ def prepare_row(
         "resource_type": resource_type,
         "payload": codec.dumps(data),
         "headers": extra or None,
+        "schema_version": schema_version,
     }
 
 
@@ -109,11 +132,17 @@ def publish(
     (default ``<resource type>:<tenantId>:<id>``). ``resource_type`` defaults to
     the last segment of the schema URI; the routing key to ``<type>.<action>``.
     """
+    options = _options(session.info)
     row = prepare_row(
-        envelope, key=key, resource_type=resource_type, routing_key=routing_key, headers=headers
+        envelope,
+        key=key,
+        resource_type=resource_type,
+        routing_key=routing_key,
+        headers=headers,
+        options=options,
     )
     if isinstance(session, Connection):
-        write_rows(session, [row], _options(session.info))
+        write_rows(session, [row], options)
     else:
         _buffer_for(session).add(row)
     event_id: uuid.UUID = row["event_id"]
@@ -166,23 +195,73 @@ def write_rows(
         keys = sorted({ordering.lock_id(r["ordering_key"]) for r in rows})
         params = {"namespace": ordering.LOCK_NAMESPACE, "keys": keys, "channel": NOTIFY_CHANNEL}
         connection.execute(_PG_LOCK_AND_NOTIFY if options.notify else _PG_LOCK, params)
+        if all(row.keys() <= _PG_INSERT_COLUMNS for row in rows):
+            connection.execute(_PG_INSERT, _as_arrays(rows))
+            return
     # SQLite needs no lock: it admits one writer at a time until commit.
     connection.execute(table.event.insert(), list(rows))
 
 
+# One statement whatever the number of rows: the columns travel as arrays, so
+# the text never changes (prepared once per connection) and PostgreSQL parses
+# no per-row VALUES. WITH ORDINALITY ... ORDER BY assigns positions in publish
+# order, which per-key ordering relies on within a transaction.
+_PG_INSERT_COLUMNS = frozenset(
+    (
+        "event_id",
+        "ordering_key",
+        "partition",
+        "routing_key",
+        "resource_type",
+        "payload",
+        "headers",
+        "schema_version",
+    )
+)
+_PG_INSERT = text(
+    "INSERT INTO outbox_event (event_id, ordering_key, partition, routing_key,"
+    " resource_type, payload, headers, schema_version)"
+    " SELECT u.event_id, u.ordering_key, u.partition, u.routing_key, u.resource_type,"
+    " u.payload, u.headers, u.schema_version"
+    " FROM unnest(CAST(:event_id AS uuid[]), CAST(:ordering_key AS text[]),"
+    " CAST(:partition AS smallint[]), CAST(:routing_key AS text[]),"
+    " CAST(:resource_type AS text[]), CAST(:payload AS text[]), CAST(:headers AS json[]),"
+    " CAST(:schema_version AS integer[]))"
+    " WITH ORDINALITY AS u(event_id, ordering_key, partition, routing_key, resource_type,"
+    " payload, headers, schema_version, n) ORDER BY u.n"
+)
+
+
+def _as_arrays(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    arrays: dict[str, list[Any]] = {name: [] for name in _PG_INSERT_COLUMNS}
+    for row in rows:
+        for name, values in arrays.items():
+            values.append(row.get(name))
+    arrays["headers"] = [None if h is None else json.dumps(h) for h in arrays["headers"]]
+    return arrays
+
+
 @dataclass(eq=False)
 class _SessionBuffer:
-    """Events published in a session, not yet written, tagged with a sequence number.
+    """Events published in a session, tagged with a sequence number.
 
-    A SAVEPOINT remembers the sequence number at which it began; rolling it
-    back drops the unwritten events from that number on (events already written
-    inside it are undone by the database).
+    A SAVEPOINT remembers a unique token and the sequence number at which it
+    began. Rolling it back drops the events published inside it, written or
+    not (the database undoes the written ones). Rows written while it was open
+    but published before it began (a ``flush_events`` or the release of an
+    inner SAVEPOINT writes every buffered row) are undone by the database too,
+    yet belong to the enclosing transaction: they go back into the buffer, in
+    their original order, to be written again.
     """
 
     session: Session
     rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    # Rows written while a SAVEPOINT was open, with the tokens of all open ones.
+    written: list[tuple[int, dict[str, Any], frozenset[int]]] = field(default_factory=list)
     next_seq: int = 0
-    savepoints: dict[int, int] = field(default_factory=dict)
+    next_token: int = 0
+    # id(SessionTransaction) -> (token, first sequence number inside it)
+    savepoints: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append((self.next_seq, row))
@@ -191,24 +270,48 @@ class _SessionBuffer:
     def write(self) -> None:
         if not self.rows:
             return
+        open_tokens = self._open_savepoint_tokens()
+        if open_tokens:
+            self.written.extend((seq, row, open_tokens) for seq, row in self.rows)
         rows = [row for _, row in self.rows]
         self.rows.clear()
         write_rows(self.session.connection(), rows, _options(self.session.info))
 
-    def savepoint_started(self, transaction: SessionTransaction) -> None:
-        self.savepoints[id(transaction)] = self.next_seq
+    def _open_savepoint_tokens(self) -> frozenset[int]:
+        tokens: set[int] = set()
+        current: SessionTransaction | None = self.session.get_nested_transaction()
+        while current is not None and current.nested:
+            entry = self.savepoints.get(id(current))
+            if entry is not None:
+                tokens.add(entry[0])
+            current = current.parent
+        return frozenset(tokens)
+
+    def savepoint_started(self, transaction: SessionTransaction, start: int | None = None) -> None:
+        seq = self.next_seq if start is None else start
+        self.savepoints[id(transaction)] = (self.next_token, seq)
+        self.next_token += 1
 
     def savepoint_rolled_back(self, transaction: SessionTransaction) -> None:
-        start = self.savepoints.pop(id(transaction), None)
-        if start is not None:
-            self.rows = [(seq, row) for seq, row in self.rows if seq < start]
+        entry = self.savepoints.pop(id(transaction), None)
+        if entry is None:
+            return
+        token, start = entry
+        undone = [(seq, row) for seq, row, tokens in self.written if token in tokens]
+        self.written = [w for w in self.written if token not in w[2]]
+        kept = [(seq, row) for seq, row in self.rows if seq < start]
+        kept += [(seq, row) for seq, row in undone if seq < start]
+        self.rows = sorted(kept, key=lambda item: item[0])
 
     def transaction_ended(self, transaction: SessionTransaction) -> None:
-        self.savepoints.pop(id(transaction), None)
+        # A SAVEPOINT's entry is kept when it ends: SQLAlchemy ends a nested
+        # transaction *before* it reports its rollback (after_soft_rollback).
+        # Tokens are unique, so a stale entry can never match a later SAVEPOINT.
         if transaction.parent is None:
             # The root transaction is over: its events were written at
             # before_commit, or are discarded with its rollback.
             self.rows.clear()
+            self.written.clear()
             self.savepoints.clear()
 
 
@@ -218,10 +321,11 @@ def _buffer_for(session: Session) -> _SessionBuffer:
         buffer = _SessionBuffer(session)
         session.info[_BUFFER_KEY] = buffer
         _listen(session, buffer)
-        current = session.get_nested_transaction()
-        if current is not None:
-            # Events published now belong to this open SAVEPOINT.
-            buffer.savepoints[id(current)] = 0
+        current: SessionTransaction | None = session.get_nested_transaction()
+        while current is not None and current.nested:
+            # Events published now belong to every open SAVEPOINT around them.
+            buffer.savepoint_started(current, start=0)
+            current = current.parent
     assert isinstance(buffer, _SessionBuffer)
     return buffer
 
@@ -252,3 +356,18 @@ def flush_events(session: Session) -> None:
     buffer = session.info.get(_BUFFER_KEY)
     if isinstance(buffer, _SessionBuffer):
         buffer.write()
+
+
+def write_session_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` now, with the events ``publish`` buffered in ``session``, in one INSERT.
+
+    The session hooks call it at commit. A session that never published gets
+    no buffer (registering its listeners costs more than the write).
+    """
+    buffer = session.info.get(_BUFFER_KEY)
+    if isinstance(buffer, _SessionBuffer):
+        for row in rows:
+            buffer.add(row)
+        buffer.write()
+    else:
+        write_rows(session.connection(), rows, _options(session.info))

@@ -14,8 +14,10 @@ Two implementations behind one role:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ import amqp
 import kombu
 from kombu import Exchange
 
+from outbox.amqpframes import PublishEncoder, write_batch
 from outbox.database import redact
 from outbox.errors import BrokerUnavailable, ConfigurationError, PublishError
 from outbox.message import OutgoingMessage
@@ -85,6 +88,31 @@ def open_publisher(url: str, exchange: str, **options: Any) -> Publisher:
     return KombuPublisher(url, exchange, **options)
 
 
+def tls_options(
+    url: str, *, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> dict[str, Any] | None:
+    """py-amqp TLS options: verify the broker against ``ca`` (and its host name),
+    present ``cert``/``key`` when the broker wants mutual TLS.
+
+    None when nothing is configured: an ``amqps://`` URL alone then verifies the
+    broker against the system's trusted CAs.
+    """
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise ConfigurationError("a broker client certificate needs both a cert and a key file")
+    options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED}
+    hostname = kombu.Connection(url).hostname
+    if hostname:
+        options["server_hostname"] = hostname  # py-amqp checks the host name only when set
+    if ca:
+        options["ca_certs"] = ca
+    if cert:
+        options["certfile"] = cert
+        options["keyfile"] = key
+    return options
+
+
 @dataclass(eq=False)
 class _InFlight:
     messages: Sequence[OutgoingMessage]
@@ -109,16 +137,20 @@ class AmqpPublisher:
         declare_exchange: bool = True,
         connect_timeout: float = 5.0,
         heartbeat: int = 30,
+        ssl: dict[str, Any] | bool | None = None,
     ) -> None:
         self.url = url
         self.exchange = exchange
         self.declare_exchange = declare_exchange
+        self.ssl = ssl
         self.connect_timeout = connect_timeout
         self.heartbeat = heartbeat
         self._connection: kombu.Connection | None = None
         self._channel: Any = None
         self._next_tag = 1
         self._inflight: _InFlight | None = None
+        self._encoder: PublishEncoder | None = None
+        self._ahead: tuple[PublishEncoder, Sequence[OutgoingMessage], list[bytes]] | None = None
 
     @property
     def connected(self) -> bool:
@@ -128,7 +160,7 @@ class AmqpPublisher:
         if self._channel is not None:
             return
         connection = kombu.Connection(
-            self.url, connect_timeout=self.connect_timeout, heartbeat=self.heartbeat
+            self.url, connect_timeout=self.connect_timeout, heartbeat=self.heartbeat, ssl=self.ssl
         )
         try:
             connection.connect()
@@ -145,6 +177,11 @@ class AmqpPublisher:
         self._connection = connection
         self._channel = channel
         self._next_tag = 1
+        self._encoder = PublishEncoder(
+            channel_id=channel.channel_id,
+            exchange=self.exchange,
+            frame_max=connection.connection.frame_max,
+        )
 
     def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -179,6 +216,35 @@ class AmqpPublisher:
         if message_id:
             batch.returned_ids[str(message_id)] = f"{routing_key!r}: {exc}"
 
+    def keepalive(self) -> None:
+        """While idle: read the broker's heartbeats and send ours when due.
+
+        Without it an idle relay's connection is closed by the broker after
+        two heartbeat intervals and the next batch fails once before a
+        reconnect. The relay calls it between polls, never with a batch in flight.
+        """
+        connection = self._connection
+        if connection is None or self._inflight is not None:
+            return
+        try:
+            with contextlib.suppress(TimeoutError):  # nothing to read
+                connection.drain_events(timeout=0)
+            connection.heartbeat_check()
+        except Exception as exc:  # a dead connection raises anything; reconnect on next send
+            log.debug("broker connection lost while idle: %s", exc)
+            self.close()
+
+    def encode_ahead(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Encode the next batch's frames now, so ``send`` only writes them.
+
+        The relay calls it from its database thread while this publisher waits
+        for the previous batch's confirms. Used by ``send`` only for this very
+        batch on the same connection; otherwise ``send`` encodes again.
+        """
+        encoder = self._encoder
+        if encoder is not None:
+            self._ahead = (encoder, messages, [encoder.encode(m) for m in messages])
+
     def send(self, messages: Sequence[OutgoingMessage]) -> None:
         self.connect()
         channel = self._channel
@@ -187,22 +253,20 @@ class AmqpPublisher:
             messages=messages, first_tag=self._next_tag, resolved_upto=self._next_tag - 1
         )
         self._inflight = batch
+        # One channel's frames, encoded by us and written in a few large writes
+        # (outbox.amqpframes); the broker numbers them 1, 2, 3... per channel.
+        amqp_connection = self._connection.connection if self._connection else None
+        encoder = self._encoder
+        assert amqp_connection is not None and encoder is not None
+        ahead, self._ahead = self._ahead, None
         try:
-            for message in messages:
-                channel.basic_publish(
-                    amqp.Message(
-                        message.body,
-                        content_type=message.content_type,
-                        delivery_mode=2,
-                        message_id=message.message_id,
-                        timestamp=int(message.timestamp.timestamp()),
-                        application_headers=message.headers,
-                    ),
-                    exchange=self.exchange,
-                    routing_key=message.routing_key,
-                    mandatory=True,
-                )
-                self._next_tag += 1
+            if ahead is not None and ahead[0] is encoder and ahead[1] is messages:
+                frames = ahead[2]
+            else:
+                frames = [encoder.encode(message) for message in messages]
+            write_batch(amqp_connection._transport.write, frames)
+            amqp_connection.bytes_sent += len(frames)  # read by py-amqp's heartbeat check
+            self._next_tag += len(messages)
         except _CONNECTION_ERRORS as exc:
             self._drop(f"connection lost while publishing: {exc}")
 
@@ -366,4 +430,5 @@ __all__ = [
     "PublishResult",
     "Publisher",
     "open_publisher",
+    "tls_options",
 ]

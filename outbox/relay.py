@@ -27,12 +27,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from outbox import validation
+from outbox import fastcheck
 from outbox.errors import EnvelopeError, OutboxError, PublishError, StoreUnavailable
 from outbox.logs import emit
-from outbox.message import OutgoingMessage, build_message
+from outbox.message import CONTENT_TYPE_JSON, OutgoingMessage, build_message
 from outbox.observer import RelayObserver
 from outbox.publisher import RETURNED, Publisher
 from outbox.store import EventRow, Lease, SqlStore
@@ -40,6 +41,11 @@ from outbox.store import EventRow, Lease, SqlStore
 log = logging.getLogger(__name__)
 
 UNROUTABLE_POLICIES = ("retry", "dead")
+
+
+def _reject_non_json_constant(name: str) -> object:
+    # Python's json accepts NaN and Infinity; consumers' parsers do not.
+    raise ValueError(f"{name} is not a JSON value")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +83,8 @@ class Wakeup:
 
 
 Validator = Callable[[EventRow, dict[str, object]], None]
+# Returns (body, content type) to send instead of the stored JSON, or None to keep it.
+BodyEncoder = Callable[[EventRow, dict[str, object]], tuple[bytes, str] | None]
 
 
 class Relay:
@@ -91,6 +99,7 @@ class Relay:
         wakeup: Wakeup | None = None,
         observer: RelayObserver | None = None,
         content_validator: Validator | None = None,
+        body_encoder: BodyEncoder | None = None,
         relay_id: str | None = None,
     ) -> None:
         self.store = store
@@ -99,6 +108,7 @@ class Relay:
         self.wakeup = wakeup or Wakeup()
         self.observer = observer or RelayObserver()
         self.content_validator = content_validator
+        self.body_encoder = body_encoder
         self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lease = Lease(epochs={})
         self._lease_deadline = 0.0
@@ -109,6 +119,7 @@ class Relay:
         self._backoff = 0.0
         self._registered = False
         self._stop = threading.Event()
+        self._executor: ThreadPoolExecutor | None = None
         self.published_total = 0
 
     # -- public ---------------------------------------------------------------
@@ -161,23 +172,61 @@ class Relay:
             return False
         self._observe(self.observer.loop_ticked)
         if idle and wait_when_idle:
+            keepalive = getattr(self.publisher, "keepalive", None)
+            if keepalive is not None:
+                keepalive()  # broker heartbeats: an idle connection stays open
             self.wakeup.wait(self._idle_timeout())
         return idle
 
     def _step(self) -> bool:
-        """One iteration; True when there was nothing to do."""
+        """One iteration; True when there was nothing to do.
+
+        The database work (mark N-1, fetch and validate N+1) runs on the
+        relay's database thread while this thread waits for the broker to
+        confirm N: they overlap instead of alternating. Both threads block in
+        socket calls most of the time, which release the GIL.
+        """
         self._maybe_rebalance()
         self.wakeup.clear()
-        partitions = self.partitions
-        exclude = [m.position for m in self._inflight] + self._to_mark
-        rows = self.store.fetch_pending(partitions, self.settings.batch_size, exclude)
-        self._mark(self._to_mark)
-        messages = self._prepare(rows)
-        if self._inflight and not self._collect():
+        exclude = [m.position for m in self._inflight]
+        to_mark, self._to_mark = self._to_mark, []
+        job = self._database_thread().submit(self._mark_fetch_prepare, to_mark, exclude)
+        try:
+            confirmed = not self._inflight or self._collect()
+        finally:
+            try:
+                rows, messages = job.result()
+            except BaseException:
+                self._to_mark[:0] = to_mark  # not marked (one transaction): mark them later
+                raise
+        if not confirmed:
             return False  # cut short: resend from the first unconfirmed row, refetched
         if messages and self._lease_valid():
             self._send(messages)
         return not rows and not self._inflight and not self._to_mark
+
+    def _mark_fetch_prepare(
+        self, to_mark: list[int], exclude: list[int]
+    ) -> tuple[list[EventRow], list[OutgoingMessage]]:
+        # Fenced: only partitions this relay holds by an unexpired lease.
+        rows = self.store.mark_and_fetch(
+            to_mark,
+            self.partitions,
+            self.settings.batch_size,
+            exclude,
+            owner=self.relay_id,
+            delete_rows=self.settings.delete_on_delivery,
+        )
+        messages = self._prepare(rows)
+        encode_ahead = getattr(self.publisher, "encode_ahead", None)
+        if messages and encode_ahead is not None:
+            encode_ahead(messages)  # off this thread's critical path: the broker is busy
+        return rows, messages
+
+    def _database_thread(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
+        return self._executor
 
     def _send(self, messages: list[OutgoingMessage]) -> None:
         try:
@@ -248,11 +297,13 @@ class Relay:
             if row.ordering_key in held:
                 continue
             try:
-                data = json.loads(row.payload)
-                validation.check_envelope(data)
+                data = json.loads(row.payload, parse_constant=_reject_non_json_constant)
+                fastcheck.check_envelope(data)
                 if self.content_validator is not None:
                     self.content_validator(row, data)
-            except (ValueError, EnvelopeError) as exc:
+                encoded = self.body_encoder(row, data) if self.body_encoder else None
+                body, content_type = encoded or (None, CONTENT_TYPE_JSON)
+            except (ValueError, RecursionError, EnvelopeError) as exc:  # Recursion: too deep
                 reason = str(exc) if isinstance(exc, EnvelopeError) else f"invalid JSON: {exc}"
                 held.add(row.ordering_key)
                 self.store.mark_dead(row.position, reason)
@@ -276,6 +327,8 @@ class Relay:
                     data["resource"]["schema"],
                     source=self.settings.source,
                     type_prefix=self.settings.type_prefix,
+                    body=body,
+                    content_type=content_type,
                 )
             )
         return messages
@@ -338,6 +391,9 @@ class Relay:
             self._lease_deadline = 0.0
             self._next_rebalance = 0.0
             self.publisher.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
     def _idle_timeout(self) -> float:
         until_rebalance = max(0.0, self._next_rebalance - time.monotonic())
@@ -353,4 +409,13 @@ class Relay:
         try:
             hook(*args)
         except Exception:
-            log.exception("observer hook %s failed", getattr(hook, "__name__", hook))
+            name = getattr(hook, "__name__", repr(hook))
+            emit(
+                log,
+                "observer_hook_failed",
+                "observer hook %s failed",
+                name,
+                level=logging.ERROR,
+                exc_info=True,
+                hook=name,
+            )

@@ -11,8 +11,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from outbox.database import create_outbox_engine, normalize_url
 from outbox.errors import ConfigurationError, OutboxError
 from outbox.logs import emit
-from outbox.publisher import open_publisher
+from outbox.publisher import open_publisher, tls_options
+from outbox.registry import relay_hooks
 from outbox.relay import Relay, RelaySettings, Wakeup
+from outbox.retention import retention_seconds
 from outbox.store import SqlStore
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,18 @@ def relay_settings(values: dict[str, Any]) -> RelaySettings:
         confirm_timeout=values["confirm_timeout"],
         unroutable=values["unroutable"],
         source=values["source"],
+        # A retention of 0 deletes rows on delivery (issue 6; the demo keeps them).
+        delete_on_delivery="retention" in values and retention_seconds(values) == 0,
+    )
+
+
+def broker_tls(values: dict[str, Any]) -> dict[str, Any] | None:
+    """TLS options for the broker connection from the broker_ssl_* settings."""
+    return tls_options(
+        values["broker_url"],
+        ca=values.get("broker_ssl_ca"),
+        cert=values.get("broker_ssl_cert"),
+        key=values.get("broker_ssl_key"),
     )
 
 
@@ -34,11 +48,21 @@ def build_relay(values: dict[str, Any], wakeup: Wakeup | None = None) -> Relay:
         if not values.get(required):
             env = "OUTBOX_" + required.upper()
             raise ConfigurationError(f"--{required.replace('_', '-')} (or {env}) is required")
-    engine = create_outbox_engine(values["database_url"], pool_size=2, max_overflow=2)
+    prepared = values.get("prepared_statements", True)
+    # psycopg also prepares any query it sees 5 times; off means never.
+    extra: dict[str, Any] = {} if prepared else {"connect_args": {"prepare_threshold": None}}
+    engine = create_outbox_engine(values["database_url"], pool_size=2, max_overflow=2, **extra)
     store = SqlStore(engine)
+    store.prepared_statements = prepared
     store.partition_count()  # fails fast, with a clear message, when unmigrated or unreachable
-    publisher = open_publisher(values["broker_url"], values["exchange"])
-    return Relay(store, publisher, relay_settings(values), wakeup=wakeup)
+    publisher = open_publisher(values["broker_url"], values["exchange"], ssl=broker_tls(values))
+    hooks = relay_hooks(
+        engine,
+        validate=values.get("validate_content", True),
+        strict=values.get("strict_schemas", False),
+        body_format=values.get("body_format", "json"),
+    )
+    return Relay(store, publisher, relay_settings(values), wakeup=wakeup, **hooks)
 
 
 def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
@@ -55,6 +79,9 @@ def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
     scheduler.add_job(
         _report_backlog, "interval", args=[relay], seconds=30, id="backlog", coalesce=True
     )
+    from outbox.operations import start_operations
+
+    operations = start_operations(values, relay, scheduler)
     scheduler.start()
 
     # A stop request must also interrupt an idle wait.
@@ -68,6 +95,7 @@ def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
         relay.run(stop)
     finally:
         scheduler.shutdown(wait=False)
+        operations.stop()
         if listener is not None:
             listener.stop()
         relay.store.engine.dispose()

@@ -9,6 +9,7 @@ Kubernetes secrets).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from outbox.errors import ConfigurationError
+from outbox.units import duration_seconds, port_number
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +27,7 @@ class Setting:
     default: Any = None
     parse: Callable[[str], Any] = str
     secret: bool = False
+    required: bool = False  # shown as "(required)" in the reference when it has no default
     commands: tuple[str, ...] = ()  # empty: every command
 
     @property
@@ -41,8 +44,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"expected a number, got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a number above 0, got {text!r}")
+    if not value > 0 or math.isinf(value):  # `not >` also rejects NaN
+        raise ValueError(f"expected a finite number above 0, got {text!r}")
     return value
 
 
@@ -65,6 +68,18 @@ def boolean(text: str) -> bool:
     raise ValueError(f"expected on/off (true/false, 1/0), got {text!r}")
 
 
+def readable_file(text: str) -> str:
+    if not text or not os.path.isfile(text):
+        raise ValueError(f"no such file: {text!r}")
+    return text
+
+
+def existing_directory(text: str) -> str:
+    if not text or not os.path.isdir(text):
+        raise ValueError(f"no such directory: {text!r}")
+    return text
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in options:
@@ -84,12 +99,14 @@ SETTINGS: tuple[Setting, ...] = (
         help="SQLAlchemy URL of the database holding the outbox tables "
         "(postgresql://user@host/db uses psycopg 3)",
         secret=True,
+        required=True,
     ),
     Setting(
         name="broker_url",
         help="kombu URL of the broker (amqp://user:pass@host:5672//); "
         "AMQP URLs get pipelined publisher confirms",
         secret=True,
+        required=True,
     ),
     Setting(name="exchange", help="topic exchange the relay publishes to", default="outbox"),
     Setting(
@@ -144,8 +161,100 @@ SETTINGS: tuple[Setting, ...] = (
         commands=RELAY,
     ),
     # -- relay performance and scale-out settings (issue 4) --
+    Setting(
+        name="prepared_statements",
+        help="use server-side prepared statements for the relay's queries; turn off "
+        "behind PgBouncer older than 1.21 (or without max_prepared_statements) in "
+        "transaction mode",
+        default=True,
+        parse=boolean,
+        commands=RELAY,
+    ),
     # -- schema registry settings (issue 5) --
+    Setting(
+        name="validate_content",
+        help="validate each event's content against its registered schema before "
+        "forwarding it; a failing event is marked dead and holds its key",
+        default=True,
+        parse=boolean,
+        commands=RELAY,
+    ),
+    Setting(
+        name="strict_schemas",
+        help="mark dead an event whose schema URI is not registered (default: forward "
+        "it unvalidated, logged once per URI)",
+        default=False,
+        parse=boolean,
+        commands=RELAY,
+    ),
+    Setting(
+        name="body_format",
+        help="message body: json (the envelope), or avro (Avro single-object encoding "
+        "of the content for resources registered with an Avro schema; JSON otherwise)",
+        default="json",
+        parse=choice("json", "avro"),
+        commands=RELAY,
+    ),
+    Setting(
+        name="schema_compatibility",
+        help="check a new schema version against the previous one: none, backward "
+        "(new reads old), forward (old reads new), or full",
+        default="backward",
+        parse=choice("none", "backward", "forward", "full"),
+        commands=("schemas",),
+    ),
     # -- operations settings: metrics, health, retention, TLS (issue 6) --
+    Setting(
+        name="http_port",
+        help="port of the HTTP server for /livez, /readyz and /metrics (0: no server)",
+        default=0,
+        parse=port_number,
+        commands=("relay",),
+    ),
+    Setting(
+        name="http_host",
+        help="address the HTTP server listens on",
+        default="0.0.0.0",
+        commands=("relay",),
+    ),
+    Setting(
+        name="metrics_interval",
+        help="seconds between reads of the table gauges (backlog, oldest pending, dead)",
+        default=15.0,
+        parse=positive_float,
+        commands=("relay",),
+    ),
+    Setting(
+        name="retention",
+        help="how long delivered rows are kept (30m, 12h, 7d); 0 deletes each row "
+        "when the broker confirms it",
+        default="7d",
+        parse=duration_seconds,
+        commands=("relay",),
+    ),
+    Setting(
+        name="secrets_dir",
+        help="directory of secret files named after the setting (database_url, "
+        "broker_url), as mounted by Docker or Kubernetes secrets; used when neither "
+        "the variable nor its _FILE variant is set",
+        parse=existing_directory,
+    ),
+    Setting(
+        name="broker_ssl_ca",
+        help="CA certificate file (PEM) that verifies the broker's TLS certificate "
+        "and host name; implies TLS (use an amqps:// URL and the TLS port)",
+        parse=readable_file,
+    ),
+    Setting(
+        name="broker_ssl_cert",
+        help="client certificate file (PEM) for brokers that require mutual TLS",
+        parse=readable_file,
+    ),
+    Setting(
+        name="broker_ssl_key",
+        help="private key file (PEM) of the client certificate",
+        parse=readable_file,
+    ),
     Setting(
         name="log_format",
         help="log output: json, text, or auto (text on a terminal, json otherwise)",
@@ -189,6 +298,7 @@ def resolve(
     """Flag value, else environment (or ``_FILE``), else default; parsed and checked."""
     environ = os.environ if environ is None else environ
     resolved: dict[str, Any] = {}
+    secrets_dir = values.get("secrets_dir") or environ.get("OUTBOX_SECRETS_DIR")
     for setting in SETTINGS:
         if not applies_to(setting, command):
             continue
@@ -201,6 +311,8 @@ def resolve(
                 _read_secret(environ[f"{setting.env}_FILE"], setting),
                 setting.env + "_FILE",
             )
+        if raw is None and setting.secret and secrets_dir:
+            raw, origin = _read_from_secrets_dir(str(secrets_dir), setting)
         if raw is None:
             resolved[setting.name] = setting.default
             continue
@@ -218,6 +330,22 @@ def _read_secret(path: str, setting: Setting) -> str:
         raise ConfigurationError(
             f"{setting.env}_FILE: cannot read {path!r}: {exc.strerror}"
         ) from None
+    except ValueError as exc:  # a NUL in the path, or a file that is not UTF-8
+        raise ConfigurationError(f"{setting.env}_FILE: cannot read {path!r}: {exc}") from None
+
+
+def _read_from_secrets_dir(directory: str, setting: Setting) -> tuple[str | None, str]:
+    """The setting's file in the secrets directory, when there is one."""
+    origin = f"{setting.env} (OUTBOX_SECRETS_DIR)"
+    try:
+        path = Path(directory) / setting.name
+        if not path.is_file():
+            return None, origin
+        return path.read_text("utf-8").strip(), origin
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"OUTBOX_SECRETS_DIR: cannot read {setting.name!r} in {directory!r}: {exc}"
+        ) from None
 
 
 def reference_markdown(settings: Iterable[Setting] = SETTINGS) -> str:
@@ -228,7 +356,9 @@ def reference_markdown(settings: Iterable[Setting] = SETTINGS) -> str:
     ]
     for s in settings:
         env = f"`{s.env}`" + (f" or `{s.env}_FILE`" if s.secret else "")
-        default = "(required)" if s.default is None else f"`{s.default}`"
+        default = f"`{s.default}`" if s.default is not None else "(unset)"
+        if s.default is None and s.required:
+            default = "(required)"
         commands = ", ".join(s.commands) if s.commands else "all"
         lines.append(f"| `{s.flag}` | {env} | {default} | {commands} | {s.help} |")
     return "\n".join(lines) + "\n"

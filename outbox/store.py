@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import socket
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import (
     BigInteger,
     Connection,
+    DateTime,
     Engine,
     and_,
     bindparam,
@@ -27,6 +31,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     update,
@@ -35,7 +40,7 @@ from sqlalchemy import all_ as sql_all
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, ProgrammingError
 
-from outbox import table
+from outbox import pgfast, table
 from outbox.database import redact
 from outbox.errors import SchemaNotMigrated, StoreError, StoreUnavailable
 
@@ -94,6 +99,8 @@ class SqlStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_postgresql = engine.dialect.name == "postgresql"
+        # Off behind a transaction-mode pooler that cannot route them (PgBouncer < 1.21).
+        self.prepared_statements = True
 
     # -- plumbing -------------------------------------------------------------
 
@@ -191,6 +198,60 @@ class SqlStore:
             )
         return self._run(lambda c: c.execute(statement).rowcount)
 
+    def mark_and_fetch(
+        self,
+        mark: Sequence[int],
+        partitions: Sequence[int],
+        limit: int,
+        exclude: Collection[int] = (),
+        *,
+        owner: str | None = None,
+        delete_rows: bool = False,
+    ) -> list[EventRow]:
+        """Mark ``mark`` delivered, then fetch like :meth:`fetch_pending`, in one transaction.
+
+        With ``owner``, only partitions whose lease ``owner`` holds right now
+        (by the database's clock) are read: the fence against a relay that
+        lost them. PostgreSQL does both in one round trip (:mod:`outbox.pgfast`).
+        """
+        if not self.is_postgresql:
+            self.mark_delivered(mark, delete_rows=delete_rows)
+            if owner is not None:
+                partitions = self._owned(owner, partitions)
+            return self.fetch_pending(partitions, limit, exclude)
+
+        def work(connection: Connection) -> list[EventRow]:
+            raw = connection.connection.driver_connection
+            assert raw is not None
+            try:
+                _, rows = pgfast.mark_and_fetch(
+                    raw,
+                    row_class=EventRow,
+                    mark=mark,
+                    partitions=partitions,
+                    limit=limit,
+                    exclude=exclude,
+                    owner=owner,
+                    delete_rows=delete_rows,
+                    prepare=self.prepared_statements,
+                )
+            except psycopg.Error as exc:
+                # Into SQLAlchemy's hierarchy, which _translate_errors maps to ours.
+                raise DBAPIError.instance(
+                    pgfast.FETCH, None, exc, psycopg.Error, connection_invalidated=raw.broken
+                ) from exc
+            return rows
+
+        return self._run(work)
+
+    def _owned(self, owner: str, partitions: Sequence[int]) -> list[int]:
+        query = select(P.c.partition).where(
+            P.c.partition.in_(list(partitions)),
+            P.c.owner == owner,
+            P.c.lease_expires_at > self._at(),
+        )
+        return self._run(lambda c: [r.partition for r in c.execute(query)])
+
     def mark_dead(self, position: int, reason: str) -> None:
         statement = (
             update(E)
@@ -259,7 +320,19 @@ class SqlStore:
         now = self._at()
 
         def work(connection: Connection) -> Lease:
-            connection.execute(update(R).where(R.c.relay_id == relay_id).values(heartbeat_at=now))
+            beat = update(R).where(R.c.relay_id == relay_id).values(heartbeat_at=now)
+            if connection.execute(beat).rowcount == 0:
+                # Another relay removed us as stale (we were stuck longer than
+                # the TTL): come back as a new member.
+                connection.execute(
+                    insert(R).values(
+                        relay_id=relay_id,
+                        hostname=socket.gethostname(),
+                        pid=os.getpid(),
+                        started_at=now,
+                        heartbeat_at=now,
+                    )
+                )
             connection.execute(delete(R).where(R.c.heartbeat_at < stale))
             live = connection.execute(select(func.count()).select_from(R)).scalar_one()
             total = connection.execute(select(func.count()).select_from(P)).scalar_one()
@@ -329,7 +402,8 @@ class SqlStore:
                     select(func.min(E.c.created_at))
                     .where(E.c.state == table.PENDING)
                     .scalar_subquery(),
-                    self._at(),
+                    # SQLite's "now" is a Python value: select() needs it as a literal.
+                    self._at() if self.is_postgresql else literal(self._at(), DateTime()),
                 )
             ).one()
             age = _age_seconds(oldest, now)
@@ -349,6 +423,56 @@ class SqlStore:
             return [dict(r._mapping) for r in rows]
 
         return self._run(work)
+
+    # -- operations: metrics and retention (issue 6) ----------------------------
+
+    def backlog(self) -> Backlog:
+        """Pending and dead counts and the oldest pending creation time.
+
+        Cheap on a large table: each part reads only a partial index (pending
+        or dead rows), never the delivered ones.
+        """
+
+        def work(connection: Connection) -> Backlog:
+            pending, oldest = connection.execute(
+                select(func.count(), func.min(E.c.created_at)).where(E.c.state == table.PENDING)
+            ).one()
+            dead = connection.execute(
+                select(func.count()).select_from(E).where(E.c.state == table.DEAD)
+            ).scalar_one()
+            if isinstance(oldest, str):  # SQLite returns CURRENT_TIMESTAMP text
+                oldest = dt.datetime.fromisoformat(oldest)
+            if oldest is not None and oldest.tzinfo is None:
+                oldest = oldest.replace(tzinfo=dt.UTC)
+            return Backlog(pending=pending, dead=dead, oldest_pending_created_at=oldest)
+
+        return self._run(work)
+
+    def purge_delivered(self, older_than_seconds: float, limit: int) -> int:
+        """Delete up to ``limit`` rows delivered more than ``older_than_seconds`` ago.
+
+        One short transaction per call; callers loop until it returns less than
+        ``limit``, so no lock is ever held on many rows for long.
+        """
+        chosen = (
+            select(E.c.position)
+            .where(E.c.state == table.DELIVERED, E.c.delivered_at < self._at(-older_than_seconds))
+            .order_by(E.c.delivered_at)
+            .limit(limit)
+        )
+        if self.is_postgresql:
+            chosen = chosen.with_for_update(skip_locked=True)
+        statement = delete(E).where(
+            E.c.position.in_(chosen.scalar_subquery()), E.c.state == table.DELIVERED
+        )
+        return self._run(lambda c: c.execute(statement).rowcount)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Backlog:
+    pending: int
+    dead: int
+    oldest_pending_created_at: dt.datetime | None
 
 
 def _age_seconds(oldest: Any, now: Any) -> float | None:

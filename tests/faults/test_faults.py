@@ -1,0 +1,237 @@
+"""Fault injection: real relays, real RabbitMQ, concurrent producers, things breaking.
+
+Run with ``pytest -m faults`` (excluded from the default run). Each test
+streams several thousand events from concurrent producers (a tenth of the
+transactions roll back) through ``outbox relay`` processes into a queue while
+one kind of fault is injected at random moments, then consumes the queue and
+asserts: every committed event arrived at least once, no rolled-back event
+arrived, per key the first arrivals are in commit order, and every duplicate
+carries the original message id. The duplicates each fault caused are printed
+in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import kombu
+import pytest
+from sqlalchemy import Engine
+
+from outbox.database import create_outbox_engine
+from tests.conftest import pg_url
+from tests.faults import harness
+from tests.faults.conftest import SUMMARY
+
+pytestmark = pytest.mark.faults
+
+# Per test; five tests make tens of thousands. Smaller runs: OUTBOX_FAULT_EVENTS=1000.
+EVENTS = int(os.environ.get("OUTBOX_FAULT_EVENTS", "4000"))
+
+
+@pytest.fixture
+def engine(pg_database: str) -> Iterator[Engine]:
+    # The producers' commits skip the WAL flush wait: faster runs, and the
+    # suite never crashes PostgreSQL itself. The relays use the defaults.
+    engine = create_outbox_engine(
+        pg_url(pg_database),
+        pool_size=8,
+        connect_args={"options": "-c synchronous_commit=off"},
+    )
+    yield engine
+    engine.dispose()
+
+
+Chaos = Callable[[list[harness.RelayProcess], harness.Producers], int]
+
+
+def run(
+    *,
+    fault: str,
+    chaos: Chaos,
+    replicas: int,
+    pg_database: str,
+    engine: Engine,
+    amqp_url: str,
+    exchange: str,
+    queue: kombu.Queue,
+    log_dir: Path,
+    events: int = EVENTS,
+) -> harness.Report:
+    database_url = pg_url(pg_database)
+    keys = harness.keys_for_run()
+    harness.create_resources(engine, keys)
+    relays = [
+        harness.RelayProcess(
+            f"relay{i}",
+            database_url=database_url,
+            amqp_url=amqp_url,
+            exchange=exchange,
+            log_dir=log_dir,
+        )
+        for i in range(replicas)
+    ]
+    producers = harness.Producers(engine, keys, target=events, seed=hash(fault) % 1000)
+    try:
+        producers.start()
+        # A backlog first, so that faults also hit full batches in flight.
+        harness.wait_until(
+            lambda: producers.ledger.total() >= events // 3 or not producers.running(),
+            120,
+            "a backlog",
+        )
+        for relay in relays:
+            relay.start()
+        injected = chaos(relays, producers)
+        producers.join()
+        for relay in relays:
+            if not relay.alive():
+                relay.start()
+        harness.wait_until(
+            lambda: harness.pending_count(database_url) == 0, 120, "the relays to drain"
+        )
+    finally:
+        for relay in relays:
+            relay.stop()
+    arrivals = harness.consume_all(amqp_url, queue.name)
+    report = harness.check(producers.ledger, arrivals, fault=fault, injected=injected)
+    SUMMARY.append(report.line())
+    return report
+
+
+def while_producing(
+    producers: harness.Producers,
+    times: int,
+    action: Callable[[random.Random], bool],
+    *,
+    database_url: str,
+) -> int:
+    """Run ``action`` up to ``times`` times at random moments while the relays have work."""
+    rng = random.Random(times)
+    done = 0
+    give_up = time.monotonic() + 180
+    while done < times and time.monotonic() < give_up:
+        if not producers.running() and harness.pending_count(database_url) < 300:
+            break  # too little left to hit a batch in flight
+        # Mid-stream: the relays are delivering right now, then a random instant.
+        if not harness.wait_publishing(database_url, more_than=rng.randint(50, 300)):
+            continue
+        if action(rng):
+            done += 1
+    return done
+
+
+@pytest.fixture
+def scenario(
+    pg_database: str,
+    engine: Engine,
+    amqp_url: str,
+    exchange_name: str,
+    bound_queue: kombu.Queue,
+    tmp_path: Path,
+) -> Callable[..., harness.Report]:
+    def go(fault: str, chaos: Chaos, *, replicas: int) -> harness.Report:
+        return run(
+            fault=fault,
+            chaos=chaos,
+            replicas=replicas,
+            pg_database=pg_database,
+            engine=engine,
+            amqp_url=amqp_url,
+            exchange=exchange_name,
+            queue=bound_queue,
+            log_dir=tmp_path,
+        )
+
+    return go
+
+
+def test_sigkill_single_relay(scenario: Callable[..., harness.Report], pg_database: str) -> None:
+    def chaos(relays: list[harness.RelayProcess], producers: harness.Producers) -> int:
+        url = pg_url(pg_database)
+
+        def kill_and_restart(_rng: random.Random) -> bool:
+            relays[0].kill()
+            relays[0].start()  # waits for the dead relay's leases to expire
+            return True
+
+        return while_producing(producers, 4, kill_and_restart, database_url=url)
+
+    report = scenario("SIGKILL, one relay (restarted)", chaos, replicas=1)
+    assert report.faults_injected >= 2
+
+
+def test_sigkill_with_second_replica(
+    scenario: Callable[..., harness.Report], pg_database: str
+) -> None:
+    def chaos(relays: list[harness.RelayProcess], producers: harness.Producers) -> int:
+        url = pg_url(pg_database)
+
+        def kill_one(rng: random.Random) -> bool:
+            victim = rng.choice(relays)
+            victim.kill()
+            time.sleep(0.5)  # the survivor takes over once the leases expire
+            victim.start()
+            return True
+
+        return while_producing(producers, 4, kill_one, database_url=url)
+
+    report = scenario("SIGKILL, two replicas", chaos, replicas=2)
+    assert report.faults_injected >= 2
+
+
+def test_broker_closes_relay_connections(
+    scenario: Callable[..., harness.Report], pg_database: str
+) -> None:
+    def chaos(relays: list[harness.RelayProcess], producers: harness.Producers) -> int:
+        url = pg_url(pg_database)
+
+        def close(_rng: random.Random) -> bool:
+            return harness.close_broker_connections(relays[0].pid) > 0
+
+        return while_producing(producers, 2, close, database_url=url)
+
+    report = scenario("broker closes the relay's connection", chaos, replicas=1)
+    assert report.faults_injected >= 1
+
+
+def test_pg_terminate_relay_backends(
+    scenario: Callable[..., harness.Report], pg_database: str
+) -> None:
+    def chaos(relays: list[harness.RelayProcess], producers: harness.Producers) -> int:
+        url = pg_url(pg_database)
+
+        def terminate(_rng: random.Random) -> bool:
+            return harness.terminate_relay_backends(pg_url(pg_database), pg_database) > 0
+
+        return while_producing(producers, 5, terminate, database_url=url)
+
+    report = scenario("pg_terminate_backend on relay backends", chaos, replicas=2)
+    assert report.faults_injected >= 2
+
+
+def test_long_open_producer_transaction(
+    scenario: Callable[..., harness.Report], engine: Engine
+) -> None:
+    def chaos(relays: list[harness.RelayProcess], producers: harness.Producers) -> int:
+        held = 0
+        rng = random.Random(7)
+        while held < 2 and producers.running():
+            # Takes its positions now, commits 3 s later, while the others commit.
+            thread = threading.Thread(
+                target=harness.produce_one,
+                args=(engine, producers.keys, producers.ledger, rng),
+                kwargs={"hold": 3.0},
+            )
+            thread.start()
+            thread.join()
+            held += 1
+        return held
+
+    report = scenario("producer transaction held open 3 s", chaos, replicas=1)
+    assert report.faults_injected >= 1

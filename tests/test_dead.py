@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import uuid
+
+import kombu
+import pytest
+from sqlalchemy import Engine, select, update
+
+from outbox import table
+from outbox.publisher import open_publisher
+from outbox.relay import Relay
+from outbox.store import SqlStore
+from tests.conftest import drain_queue, pg_url
+from tests.ops_support import (
+    envelope_json,
+    insert_invalid_row,
+    publish_events,
+    run_cli,
+    versions_of,
+)
+
+KEY = "case:1:7"
+
+
+def drain(engine: Engine, amqp_url: str, exchange: str) -> int:
+    return Relay(SqlStore(engine), open_publisher(amqp_url, exchange)).drain(timeout=30)
+
+
+@pytest.fixture
+def held_key(
+    pg_engine: Engine, amqp_url: str, exchange_name: str, bound_queue: kombu.Queue
+) -> uuid.UUID:
+    """Key case:1:7: version 1 delivered, then a dead row, then versions 3 and 4 held."""
+    publish_events(pg_engine, 7, range(1, 2))
+    dead_id = insert_invalid_row(pg_engine, KEY)
+    publish_events(pg_engine, 7, range(3, 5))
+    assert drain(pg_engine, amqp_url, exchange_name) == 1
+    assert versions_of(drain_queue(amqp_url, bound_queue, expected=1)) == [1]
+    return dead_id
+
+
+def db_args(pg_database: str) -> list[str]:
+    return ["--database-url", pg_url(pg_database)]
+
+
+def audit(engine: Engine) -> list[tuple[str, str, str, str]]:
+    A = table.dead_letter_audit
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(A.c.event_id, A.c.operation, A.c.actor, A.c.reason).order_by(A.c.id)
+        )
+        return [(str(r.event_id), r.operation, r.actor, r.reason) for r in rows]
+
+
+def state_of(engine: Engine, event_id: uuid.UUID) -> str:
+    with engine.connect() as connection:
+        return str(
+            connection.execute(
+                select(table.event.c.state).where(table.event.c.event_id == event_id)
+            ).scalar_one()
+        )
+
+
+def test_list_shows_the_dead_row_its_reason_and_what_it_holds(
+    held_key: uuid.UUID, pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["dead", "list", "--json", *db_args(pg_database)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["event_id"] == str(held_key)
+    assert row["key"] == KEY
+    assert row["held_behind"] == 2
+    assert "invalid JSON" in row["reason"]
+    assert run_cli(["dead", "list", *db_args(pg_database)]) == 0
+    table_output = capsys.readouterr().out
+    assert str(held_key) in table_output and "invalid JSON" in table_output
+
+
+def test_skip_lets_the_held_key_continue_in_order(
+    held_key: uuid.UUID,
+    pg_database: str,
+    pg_engine: Engine,
+    amqp_url: str,
+    exchange_name: str,
+    bound_queue: kombu.Queue,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["dead", "skip", str(held_key), "--actor", "alice", "--reason", "bad row, not needed"]
+    assert run_cli([*args, *db_args(pg_database)]) == 0
+    assert f"{held_key} skipped (by alice" in capsys.readouterr().out
+    assert state_of(pg_engine, held_key) == "skipped"
+    assert audit(pg_engine) == [(str(held_key), "skip", "alice", "bad row, not needed")]
+    assert drain(pg_engine, amqp_url, exchange_name) == 2
+    assert versions_of(drain_queue(amqp_url, bound_queue, expected=2)) == [3, 4]
+    assert run_cli(["dead", "show", str(held_key), "--json", *db_args(pg_database)]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "skipped"
+    assert [(a["operation"], a["actor"]) for a in shown["audit"]] == [("skip", "alice")]
+
+
+def test_retry_after_a_fix_publishes_the_row_before_the_rest_of_its_key(
+    held_key: uuid.UUID,
+    pg_database: str,
+    pg_engine: Engine,
+    amqp_url: str,
+    exchange_name: str,
+    bound_queue: kombu.Queue,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pg_engine.begin() as connection:  # the fix: whoever wrote the row repairs it
+        connection.execute(
+            update(table.event)
+            .where(table.event.c.event_id == held_key)
+            .values(payload=envelope_json(7, 2))
+        )
+    args = ["dead", "retry", str(held_key), "--actor", "bob", "--reason", "payload repaired"]
+    assert run_cli([*args, *db_args(pg_database)]) == 0
+    assert "back to pending" in capsys.readouterr().out
+    assert drain(pg_engine, amqp_url, exchange_name) == 3
+    messages = drain_queue(amqp_url, bound_queue, expected=3)
+    assert versions_of(messages) == [2, 3, 4]
+    assert messages[0].properties["message_id"] == str(held_key)
+    assert state_of(pg_engine, held_key) == "delivered"
+    assert audit(pg_engine) == [(str(held_key), "retry", "bob", "payload repaired")]
+    assert run_cli(["dead", "show", str(held_key), *db_args(pg_database)]) == 0
+    shown = capsys.readouterr().out
+    assert "retry by bob: payload repaired" in shown
+
+
+def test_changes_need_a_reason_and_a_dead_row(
+    held_key: uuid.UUID,
+    pg_database: str,
+    pg_engine: Engine,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_cli(["dead", "retry", str(held_key), *db_args(pg_database)]) == 2
+    assert "--reason is required" in capsys.readouterr().err
+    other = uuid.uuid4()
+    args = ["dead", "skip", str(held_key), str(other), "--reason", "cleanup"]
+    assert run_cli([*args, *db_args(pg_database)]) == 1
+    assert "is not dead" in capsys.readouterr().err
+    # All or nothing: the first id was not skipped either.
+    assert state_of(pg_engine, held_key) == "dead"
+    assert audit(pg_engine) == []
+    assert run_cli(["dead", "retry", "not-a-uuid", "--reason", "x", *db_args(pg_database)]) == 2

@@ -1,0 +1,166 @@
+"""The relay's least-privilege role relays with the shipped grants and touches nothing else."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import kombu
+import psycopg
+import pytest
+from psycopg import errors as pg_errors
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox import migrate
+from outbox.cli import main
+from outbox.cli_deploy import quote_identifier, relay_role_statements
+from outbox.database import create_outbox_engine
+from outbox.errors import ConfigurationError, StoreError
+from outbox.publisher import open_publisher
+from outbox.relay import Relay, RelaySettings
+from outbox.store import SqlStore
+from tests.conftest import PG_ADMIN_URL, drain_queue, pg_url
+
+SCHEMA = "https://example.org/schemas/case.json"
+
+
+@pytest.fixture
+def relay_role(pg_database: str) -> Iterator[str]:
+    """A login role (cluster-wide, so uniquely named) with no privileges yet."""
+    role = f"outbox_relay_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+    yield role
+    with psycopg.connect(pg_url(pg_database), autocommit=True) as owner:
+        owner.execute(f"DROP OWNED BY {role}")  # its grants in the test database
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def _as_role(database: str, role: str) -> str:
+    return pg_url(database).replace("://postgres@", f"://{role}@", 1)
+
+
+def test_relay_runs_with_the_granted_role_and_nothing_more(
+    pg_database: str,
+    pg_engine: Engine,
+    relay_role: str,
+    amqp_url: str,
+    exchange_name: str,
+    bound_queue: kombu.Queue,
+) -> None:
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql(
+            'CREATE TABLE "case" (id integer PRIMARY KEY, title text NOT NULL)'
+        )
+        connection.exec_driver_sql("INSERT INTO \"case\" VALUES (1, 'secret')")
+    # Applied through the CLI, as an operator would (connected as the tables' owner).
+    assert main(["grant-relay-role", relay_role, "--database-url", pg_url(pg_database)]) == 0
+
+    with Session(pg_engine) as session, session.begin():
+        for version in range(1, 21):
+            outbox.publish(
+                session,
+                outbox.Envelope(
+                    action="update", schema=SCHEMA, content={"tenantId": 1, "id": 7, "v": version}
+                ),
+            )
+
+    engine = create_outbox_engine(_as_role(pg_database, relay_role))
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT current_user").scalar_one() == relay_role
+        # Readiness reads the migration revision.
+        assert migrate.current_revision(engine) == migrate.head_revision(engine)
+
+        store = SqlStore(engine)
+        relay = Relay(store, open_publisher(amqp_url, exchange_name), RelaySettings(batch_size=8))
+        assert relay.drain(timeout=30) == 20
+        bodies = [json.loads(m.body) for m in drain_queue(amqp_url, bound_queue, expected=20)]
+        assert [b["resource"]["content"]["v"] for b in bodies] == list(range(1, 21))
+        assert store.counts()["delivered"] == 20
+        assert store.partitions()  # status works too
+
+        # Delete on delivery (retention zero) is allowed as well.
+        with Session(pg_engine) as session, session.begin():
+            outbox.publish(
+                session,
+                outbox.Envelope(action="create", schema=SCHEMA, content={"tenantId": 1, "id": 8}),
+            )
+        deleting = Relay(
+            store,
+            open_publisher(amqp_url, exchange_name),
+            RelaySettings(delete_on_delivery=True),
+        )
+        assert deleting.drain(timeout=30) == 1
+        assert store.counts()["pending"] == 0
+    finally:
+        engine.dispose()
+
+    # ... and nothing else.
+    forbidden = [
+        'SELECT * FROM "case"',
+        "INSERT INTO \"case\" VALUES (2, 'x')",
+        "UPDATE \"case\" SET title = 'x'",
+        'DELETE FROM "case"',
+        "CREATE TABLE relay_was_here (id integer)",
+        "DROP TABLE outbox_event",
+        "TRUNCATE outbox_event",
+        "ALTER TABLE outbox_event ADD COLUMN x integer",
+        # Producers write events, the relay never does.
+        "INSERT INTO outbox_event (event_id, ordering_key, partition, routing_key, "
+        "resource_type, payload) VALUES (gen_random_uuid(), 'k', 0, 'r', 't', '{}')",
+        "DELETE FROM outbox_alembic_version",
+        "INSERT INTO outbox_schema (uri, version, format, document, fingerprint) "
+        "VALUES ('u', 1, 'jsonschema', '{}', 'f')",
+        "SELECT * FROM outbox_dead_audit",
+    ]
+    with psycopg.connect(_as_role(pg_database, relay_role), autocommit=True) as connection:
+        for statement in forbidden:
+            with pytest.raises(pg_errors.InsufficientPrivilege):
+                connection.execute(statement)
+    with pg_engine.connect() as connection:
+        assert connection.execute(text('SELECT title FROM "case"')).scalar_one() == "secret"
+
+
+def test_migrate_as_the_relay_role_is_refused(empty_pg_database: str, relay_role: str) -> None:
+    engine = create_outbox_engine(_as_role(empty_pg_database, relay_role))
+    try:
+        with pytest.raises(StoreError, match="permission denied"):
+            migrate_or_store_error(engine)
+    finally:
+        engine.dispose()
+
+
+def migrate_or_store_error(engine: Engine) -> None:
+    from outbox.cli import _as_store_error
+
+    try:
+        migrate.upgrade(engine)
+    except Exception as exc:
+        raise _as_store_error(exc) from None
+
+
+def test_role_names_are_quoted_in_the_grants() -> None:
+    statements = relay_role_statements('odd "name"; DROP TABLE x -- y')
+    assert statements[0] == (
+        'GRANT SELECT, UPDATE, DELETE ON outbox_event TO "odd ""name""; DROP TABLE x -- y"'
+    )
+    assert all(s.startswith("GRANT ") for s in statements)
+    assert len(statements) == 5
+    for bad in ("", "x" * 64, "a\x00b"):
+        with pytest.raises(ConfigurationError):
+            quote_identifier(bad)
+
+
+def test_security_page_shows_the_shipped_grants() -> None:
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "security.md").read_text("utf-8")
+    shipped = (root / "outbox" / "sql" / "relay_role.sql").read_text("utf-8")
+    grants = [line for line in shipped.splitlines() if line.startswith("GRANT ")]
+    block = page.split("```sql\n", 1)[1].split("```", 1)[0]
+    assert block.splitlines() == grants
