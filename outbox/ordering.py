@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from outbox.errors import EnvelopeError
@@ -43,6 +44,7 @@ def default_key(resource_type: str, content: Mapping[str, Any]) -> str:
         ) from None
 
 
+@lru_cache(maxsize=4096)  # pure, and called once per published event
 def default_resource_type(schema_uri: str) -> str:
     """The last path segment of the schema URI without extension or version.
 

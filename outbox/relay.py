@@ -121,6 +121,7 @@ class Relay:
         self._stop = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
         self.published_total = 0
+        self._probing = False  # fetch one row at a time while a message is unroutable
 
     # -- public ---------------------------------------------------------------
 
@@ -184,21 +185,28 @@ class Relay:
         The database work (mark N-1, fetch and validate N+1) runs on the
         relay's database thread while this thread waits for the broker to
         confirm N: they overlap instead of alternating. Both threads block in
-        socket calls most of the time, which release the GIL.
+        socket calls most of the time, which release the GIL. With nothing in
+        flight there is nothing to overlap, and this thread does it itself.
         """
         self._maybe_rebalance()
         self.wakeup.clear()
         exclude = [m.position for m in self._inflight]
         to_mark, self._to_mark = self._to_mark, []
-        job = self._database_thread().submit(self._mark_fetch_prepare, to_mark, exclude)
+        confirmed = True
         try:
-            confirmed = not self._inflight or self._collect()
-        finally:
-            try:
-                rows, messages = job.result()
-            except BaseException:
-                self._to_mark[:0] = to_mark  # not marked (one transaction): mark them later
-                raise
+            if not self._inflight:  # nothing to overlap with: no thread hand-off (latency)
+                rows, messages = self._mark_fetch_prepare(to_mark, exclude)
+            else:
+                job = self._database_thread().submit(self._mark_fetch_prepare, to_mark, exclude)
+                try:
+                    confirmed = self._collect()
+                finally:
+                    rows, messages = job.result()
+        except BaseException:
+            # Perhaps not marked (one transaction with the fetch): mark them later;
+            # marking twice is harmless (only pending rows change).
+            self._to_mark[:0] = to_mark
+            raise
         if not confirmed:
             return False  # cut short: resend from the first unconfirmed row, refetched
         if messages and self._lease_valid():
@@ -212,7 +220,7 @@ class Relay:
         rows = self.store.mark_and_fetch(
             to_mark,
             self.partitions,
-            self.settings.batch_size,
+            1 if self._probing else self.settings.batch_size,
             exclude,
             owner=self.relay_id,
             delete_rows=self.settings.delete_on_delivery,
@@ -252,6 +260,7 @@ class Relay:
                 self.observer.batch_published, len(confirmed), time.monotonic() - self._sent_at
             )
         if result.failure is None:
+            self._probing = False
             return True
         failed = batch[result.confirmed]
         self._observe(self.observer.publish_failed, result.failure, len(batch) - len(confirmed))
@@ -277,6 +286,10 @@ class Relay:
             key = str(failed.headers.get("outbox-key"))
             self._observe(self.observer.event_dead, key, "unroutable")
         else:
+            # Until an unroutable message goes through, resend it alone: resending
+            # the routable messages behind it on every retry would flood consumers
+            # with duplicates while nobody binds a queue.
+            self._probing = result.failure == RETURNED
             self.store.record_failure([failed.position], f"{result.failure}: {result.detail}")
             self._backoff = min(
                 self.settings.backoff_max, max(self.settings.backoff_initial, self._backoff * 2)

@@ -14,17 +14,25 @@ from collections.abc import Callable
 TRACE_HEADERS = ("traceparent", "tracestate")
 
 _inject: Callable[[dict[str, str]], None] | None
+_in_span: Callable[[], bool]
 try:
     from opentelemetry.propagate import inject as _otel_inject
+    from opentelemetry.trace import get_current_span
 except ImportError:  # no hard dependency
     _inject = None
+    _in_span = bool
 else:
     _inject = _otel_inject
+
+    def _in_span() -> bool:
+        return bool(get_current_span().get_span_context().is_valid)
 
 
 def current_trace_headers() -> dict[str, str]:
     """The active span's trace context as headers; empty outside a span or without OTel."""
-    if _inject is None:
+    # traceparent/tracestate exist only for a valid span context: outside a span,
+    # skip the propagators (they cost more than the rest of publish).
+    if _inject is None or not _in_span():
         return {}
     carrier: dict[str, str] = {}
     _inject(carrier)

@@ -220,6 +220,45 @@ def test_unroutable_with_retry_keeps_rows_pending_until_a_queue_is_bound(
     assert [m.properties["message_id"] for m in received] == [str(i) for i in ids]
 
 
+def test_unroutable_retry_resends_only_the_unroutable_message(
+    pg_engine: Engine, amqp_url: str, exchange_name: str
+) -> None:
+    """Routable messages behind an unroutable one are not re-sent on every retry."""
+    (create_id,) = publish_cases(pg_engine, {"tenantId": 1, "id": 4}, action="create")
+    update_ids = publish_cases(pg_engine, *({"tenantId": 1, "id": 4, "v": v} for v in range(3)))
+    exchange = kombu.Exchange(exchange_name, type="topic", durable=True)
+    updates = kombu.Queue(f"{exchange_name}-updates", exchange=exchange, routing_key="case.update")
+    creates = kombu.Queue(f"{exchange_name}-creates", exchange=exchange, routing_key="case.create")
+    relay = Relay(
+        SqlStore(pg_engine),
+        open_publisher(amqp_url, exchange_name),
+        RelaySettings(unroutable="retry", poll_interval=0.05, backoff_max=0.1),
+    )
+    with kombu.Connection(amqp_url) as connection:
+        updates(connection.default_channel).declare()
+    try:
+        with running(relay):
+            wait_for(
+                lambda: event_rows(pg_engine)[0].attempts >= 4, what="several unroutable retries"
+            )
+            # The first pass routed the updates once; retries resent only the create.
+            first_pass = drain_queue(amqp_url, updates, expected=4, timeout=1)
+            with kombu.Connection(amqp_url) as connection:
+                creates(connection.default_channel).declare()
+            wait_for(lambda: SqlStore(pg_engine).counts()["pending"] == 0, what="delivery")
+        after_bind = drain_queue(amqp_url, updates, expected=4, timeout=5)
+        created = drain_queue(amqp_url, creates, expected=1, timeout=5)
+    finally:
+        with kombu.Connection(amqp_url) as connection, contextlib.suppress(Exception):
+            updates(connection.default_channel).delete()
+            creates(connection.default_channel).delete()
+    expected_updates = [str(i) for i in update_ids]
+    assert [m.properties["message_id"] for m in first_pass] == expected_updates
+    assert [m.properties["message_id"] for m in created] == [str(create_id)]
+    # Once the create went through, the batch behind it was sent once more, in order.
+    assert [m.properties["message_id"] for m in after_bind] == expected_updates
+
+
 def test_unroutable_with_dead_policy_marks_dead_and_holds_only_that_key(
     pg_engine: Engine, amqp_url: str, exchange_name: str, bound_queue: kombu.Queue
 ) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox import table
+from outbox.database import create_outbox_engine
 from outbox.message import build_message
 from outbox.publisher import CONNECTION, AmqpPublisher, open_publisher
 from outbox.relay import Relay, RelaySettings
@@ -152,3 +153,26 @@ def test_idle_publisher_keeps_its_broker_connection(
     assert silent.wait(10).failure == CONNECTION  # what keepalive prevents
     kept.close()
     silent.close()
+
+
+def test_mark_and_fetch_without_prepared_statements(pg_url_fixture: str) -> None:
+    # As behind PgBouncer < 1.21 in transaction mode: `--prepared-statements off`.
+    engine = create_outbox_engine(pg_url_fixture, connect_args={"prepare_threshold": None})
+    try:
+        store = SqlStore(engine)
+        store.prepared_statements = False
+        for _ in range(6):  # past psycopg's default threshold of 5
+            check_prepared_nothing(engine, store)
+        with engine.connect() as connection:
+            prepared = connection.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements")
+            assert prepared.scalar_one() == 0
+    finally:
+        engine.dispose()
+
+
+def check_prepared_nothing(engine: Engine, store: SqlStore) -> None:
+    publish(engine, 2)
+    partitions = store.rebalance("relay-p", 30).partitions
+    rows = store.mark_and_fetch([], partitions, 100, owner="relay-p")
+    assert len(rows) == 2
+    assert store.mark_and_fetch([r.position for r in rows], partitions, 100, owner="relay-p") == []
