@@ -13,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY outbox/ outbox/
 COPY migrations/ migrations/
 # metrics: prometheus-client, for /metrics on the HTTP port.
-RUN pip install ".[metrics]" && rm -rf /src
+RUN pip install . && rm -rf /src
 
 # A numeric UID, so that Kubernetes' runAsNonRoot can verify it.
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin outbox
