@@ -38,27 +38,20 @@ COMMAND_MODULES: tuple[str, ...] = ("outbox.cli_schemas", "outbox.cli_ops", "out
 log = logging.getLogger("outbox")
 
 
-def _require(values: dict[str, Any], name: str) -> str:
-    value = values.get(name)
-    if not value:
-        setting = config.BY_NAME[name]
-        raise ConfigurationError(f"{setting.flag} (or {setting.env}) is required")
-    return str(value)
-
-
-def _engine(values: dict[str, Any]) -> Engine:
-    return create_outbox_engine(_require(values, "database_url"))
+def engine_from(values: dict[str, Any]) -> Engine:
+    """The engine for ``--database-url``; commands dispose of it when done."""
+    return create_outbox_engine(config.require(values, "database_url"))
 
 
 def cmd_migrate(values: dict[str, Any], args: argparse.Namespace) -> int:
     from outbox import migrate
 
-    engine = _engine(values)
+    engine = engine_from(values)
     try:
         migrate.upgrade(engine, partitions=args.partitions)
         revision = migrate.current_revision(engine)
     except Exception as exc:
-        raise _as_store_error(exc) from None
+        raise as_store_error(exc) from None
     finally:
         engine.dispose()
     print(f"outbox tables at revision {revision}")
@@ -69,7 +62,7 @@ def cmd_status(values: dict[str, Any], args: argparse.Namespace) -> int:
     from outbox import migrate
     from outbox.store import SqlStore
 
-    engine = _engine(values)
+    engine = engine_from(values)
     try:
         store = SqlStore(engine)
         counts = store.counts()
@@ -142,7 +135,7 @@ def _signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def _as_store_error(exc: Exception) -> OutboxError:
+def as_store_error(exc: Exception) -> OutboxError:
     if isinstance(exc, OutboxError):
         return exc
     from sqlalchemy.exc import DBAPIError

@@ -107,13 +107,13 @@ def cmd_grant_relay_role(values: dict[str, Any], args: argparse.Namespace) -> in
     if args.print:
         sys.stdout.write(relay_role_sql(args.role))
         return 0
-    from outbox.cli import _as_store_error, _engine
+    from outbox.cli import as_store_error, engine_from
 
-    engine = _engine(values)
+    engine = engine_from(values)
     try:
         grant_relay_role(engine, args.role)
     except Exception as exc:
-        raise _as_store_error(exc) from None
+        raise as_store_error(exc) from None
     finally:
         engine.dispose()
     print(f"granted the relay's privileges on the outbox tables to {quote_identifier(args.role)}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from outbox.admin import AdminStore
 from outbox.errors import ConfigurationError
+from outbox.settings import require
 
 CommandFactory = Callable[[str, str, Callable[..., int]], argparse.ArgumentParser]
 
@@ -167,7 +168,7 @@ def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
         if args.dry_run:
             print(f"{total} delivered events match; nothing published (--dry-run)")
             return EXIT_OK
-        _require(values, "broker_url")
+        require(values, "broker_url")
         publisher = open_publisher(values["broker_url"], values["exchange"], ssl=broker_tls(values))
         progress = Progress("replay", total)
         result = replay(
@@ -237,19 +238,11 @@ def cmd_drain(values: dict[str, Any], args: argparse.Namespace) -> int:
 def _admin_store(values: dict[str, Any]) -> Iterator[AdminStore]:
     from outbox.database import create_outbox_engine
 
-    store = AdminStore(create_outbox_engine(_require(values, "database_url")))
+    store = AdminStore(create_outbox_engine(require(values, "database_url")))
     try:
         yield store
     finally:
         store.engine.dispose()
-
-
-def _require(values: dict[str, Any], name: str) -> str:
-    value = values.get(name)
-    if not value:
-        flag, env = "--" + name.replace("_", "-"), "OUTBOX_" + name.upper()
-        raise ConfigurationError(f"{flag} (or {env}) is required")
-    return str(value)
 
 
 def _event_id(text: str) -> uuid.UUID:

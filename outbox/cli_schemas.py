@@ -70,10 +70,7 @@ def _registry(values: dict[str, Any]) -> Any:
     from outbox.database import create_outbox_engine
     from outbox.registry import SchemaRegistry
 
-    url = values.get("database_url")
-    if not url:
-        setting = config.BY_NAME["database_url"]
-        raise ConfigurationError(f"{setting.flag} (or {setting.env}) is required")
+    url = config.require(values, "database_url")
     compatibility = values.get("schema_compatibility") or "backward"
     return SchemaRegistry(create_outbox_engine(url), compatibility=compatibility)
 

@@ -49,7 +49,7 @@ from outbox.hooks_model import (
     resource,
     roles_of,
 )
-from outbox.producer import ProducerOptions, _options, prepare_row, write_session_rows
+from outbox.producer import ProducerOptions, options_of, prepare_row, write_session_rows
 
 __all__ = ["BYPASS_OPTION", "child_of", "column_content", "instrument", "resource"]
 
@@ -292,7 +292,7 @@ def _build_rows(session: Session, touches: list[tuple[int, Any, str]]) -> list[d
         identity = state.key if state.key is not None else ("transient", id(obj))
         groups.setdefault(identity, []).append((obj, kind))
     rows: list[dict[str, Any]] = []
-    options = _options(session.info)
+    options = options_of(session.info)
     for entries in groups.values():
         action = _net_action([kind for _, kind in entries])
         obj = entries[-1][0]

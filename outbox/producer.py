@@ -131,7 +131,7 @@ def publish(
     (default ``<resource type>:<tenantId>:<id>``). ``resource_type`` defaults to
     the last segment of the schema URI; the routing key to ``<type>.<action>``.
     """
-    options = _options(session.info)
+    options = options_of(session.info)
     row = prepare_row(
         envelope,
         key=key,
@@ -148,7 +148,7 @@ def publish(
     return event_id
 
 
-def _options(info: Mapping[str, Any]) -> ProducerOptions:
+def options_of(info: Mapping[str, Any]) -> ProducerOptions:
     options = info.get(OPTIONS_KEY, DEFAULT_OPTIONS)
     assert isinstance(options, ProducerOptions)
     return options
@@ -235,7 +235,7 @@ class _SessionBuffer:
             self.written.extend((seq, row, open_tokens) for seq, row in self.rows)
         rows = [row for _, row in self.rows]
         self.rows.clear()
-        write_rows(self.session.connection(), rows, _options(self.session.info))
+        write_rows(self.session.connection(), rows, options_of(self.session.info))
 
     def _open_savepoint_tokens(self) -> frozenset[int]:
         tokens: set[int] = set()
@@ -334,4 +334,4 @@ def write_session_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None
             buffer.add(row)
         buffer.write()
     else:
-        write_rows(session.connection(), rows, _options(session.info))
+        write_rows(session.connection(), rows, options_of(session.info))

@@ -9,12 +9,13 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from outbox.database import create_outbox_engine, normalize_url
-from outbox.errors import ConfigurationError, OutboxError
+from outbox.errors import OutboxError
 from outbox.logs import emit
 from outbox.publisher import open_publisher, tls_options
 from outbox.registry import relay_hooks
 from outbox.relay import Relay, RelaySettings, Wakeup
 from outbox.retention import retention_seconds
+from outbox.settings import require
 from outbox.store import SqlStore
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,8 @@ def broker_tls(values: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def build_relay(values: dict[str, Any], wakeup: Wakeup | None = None) -> Relay:
-    for required in ("database_url", "broker_url"):
-        if not values.get(required):
-            env = "OUTBOX_" + required.upper()
-            raise ConfigurationError(f"--{required.replace('_', '-')} (or {env}) is required")
+    for name in ("database_url", "broker_url"):
+        require(values, name)
     prepared = values.get("prepared_statements", True)
     # psycopg also prepares any query it sees 5 times; off means never.
     extra: dict[str, Any] = {} if prepared else {"connect_args": {"prepare_threshold": None}}

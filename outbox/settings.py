@@ -272,6 +272,15 @@ SETTINGS: tuple[Setting, ...] = (
 BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 
 
+def require(values: Mapping[str, Any], name: str) -> str:
+    """The value of a setting that must be given, or a one-line error naming how."""
+    value = values.get(name)
+    if not value:
+        setting = BY_NAME[name]
+        raise ConfigurationError(f"{setting.flag} (or {setting.env}) is required")
+    return str(value)
+
+
 def applies_to(setting: Setting, command: str) -> bool:
     return not setting.commands or command in setting.commands
 

@@ -137,12 +137,12 @@ def test_migrate_as_the_relay_role_is_refused(empty_pg_database: str, relay_role
 
 
 def migrate_or_store_error(engine: Engine) -> None:
-    from outbox.cli import _as_store_error
+    from outbox.cli import as_store_error
 
     try:
         migrate.upgrade(engine)
     except Exception as exc:
-        raise _as_store_error(exc) from None
+        raise as_store_error(exc) from None
 
 
 def test_role_names_are_quoted_in_the_grants() -> None:
