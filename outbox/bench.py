@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -578,6 +578,23 @@ def figure_history(ctx: Context, history: int) -> list[Figure]:
     ]
 
 
+def figure_validation(pg_admin_url: str, amqp_url: str, events: int) -> list[Figure]:
+    """Relay drain with content validation against a registered schema, on vs off."""
+    from outbox.bench_validation import measure
+
+    result = measure(pg_admin_url, amqp_url, events=events)
+    return [
+        Figure(
+            name=f"drain {events:,} events, content validation on (events/s)",
+            value=result.on_per_second,
+            unit="/s",
+            baseline=result.off_per_second,
+            baseline_name="the same drain with validation off, best of 3 each",
+            target="(cost of validation)",
+        )
+    ]
+
+
 # -- output -------------------------------------------------------------------
 
 
@@ -606,9 +623,6 @@ def render(figures: Sequence[Figure]) -> str:
     return "\n".join(lines)
 
 
-STEPS: dict[str, Callable[..., Any]] = {}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m outbox.bench", description=__doc__)
     parser.add_argument("--events", type=int, default=100_000, help="backlog size to drain")
@@ -618,8 +632,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument(
         "--only",
-        default="drain,producer,notify,latency,history",
-        help="comma-separated figures to run (drain,producer,notify,latency,history)",
+        default="drain,producer,notify,latency,history,validation",
+        help="comma-separated figures to run (drain,producer,notify,latency,history,validation)",
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -650,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(figures)
         if "history" in only:
             figures += figure_history(ctx, args.history)
+            _progress(figures)
+    if "validation" in only:
+        figures += figure_validation(args.pg_admin_url, args.amqp_url, min(args.events, 20_000))
     print(render(figures))
     return 0
 

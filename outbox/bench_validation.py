@@ -1,6 +1,6 @@
 """Relay throughput with content validation on vs off, in one run.
 
-    .venv/bin/python -m tests.benchmarks.validation_ratio [--events 20000] [--rounds 3]
+    .venv/bin/python -m outbox.bench_validation [--events 20000] [--rounds 3]
 
 Creates a database (dropped afterwards), registers a JSON Schema for the
 resource, writes ``--events`` events of about 1 KiB through the producer (so
@@ -97,7 +97,9 @@ def seed(engine: Engine, registry: SchemaRegistry, events: int, size: int) -> No
     for start in range(0, events, chunk):
         rows = [
             prepare_row(
-                outbox.Envelope(action="update", schema=SCHEMA_URI, content=content(i, size)),
+                outbox.Envelope(
+                    action=outbox.Action.UPDATE, schema=SCHEMA_URI, content=content(i, size)
+                ),
                 options=options,
             )
             for i in range(start, min(events, start + chunk))
