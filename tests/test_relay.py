@@ -17,7 +17,7 @@ from typing import Any
 import kombu
 from cloudevents.core.bindings.rabbitmq import RabbitMQMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 import outbox
@@ -27,6 +27,7 @@ from outbox.publisher import Publisher, PublishResult, open_publisher
 from outbox.relay import Relay, RelaySettings
 from outbox.store import SqlStore
 from tests.conftest import drain_queue
+from tests.ops_support import insert_invalid_row
 
 SCHEMA = "https://example.org/schemas/case.json"
 
@@ -118,28 +119,12 @@ def test_message_properties_headers_and_cloudevents(
     assert event.get_data() == json.loads(message.body)
 
 
-def _insert_raw(engine: Engine, key: str, payload: str) -> uuid.UUID:
-    event_id = uuid.uuid4()
-    with engine.begin() as connection:
-        connection.execute(
-            insert(table.event).values(
-                event_id=event_id,
-                ordering_key=key,
-                partition=ordering.partition_of(key, table.DEFAULT_PARTITIONS),
-                routing_key="case.update",
-                resource_type="case",
-                payload=payload,
-            )
-        )
-    return event_id
-
-
 def test_invalid_row_is_dead_holds_its_key_and_other_keys_flow(
     pg_engine: Engine, amqp_url: str, exchange_name: str, bound_queue: kombu.Queue
 ) -> None:
     publish_cases(pg_engine, {"tenantId": 1, "id": 1, "v": 1})
     # Written by other code, bypassing publish: the relay validates again.
-    bad = _insert_raw(
+    bad = insert_invalid_row(
         pg_engine, "case:1:1", json.dumps({"action": "upsert", "resource": {"schema": SCHEMA}})
     )
     publish_cases(pg_engine, {"tenantId": 1, "id": 1, "v": 2}, {"tenantId": 1, "id": 2, "v": 1})
@@ -178,7 +163,7 @@ def test_invalid_row_is_dead_holds_its_key_and_other_keys_flow(
 def test_invalid_json_row_is_dead_too(
     pg_engine: Engine, amqp_url: str, exchange_name: str, bound_queue: kombu.Queue
 ) -> None:
-    bad = _insert_raw(pg_engine, "case:1:5", "{not json")
+    bad = insert_invalid_row(pg_engine, "case:1:5", "{not json")
     relay = Relay(SqlStore(pg_engine), open_publisher(amqp_url, exchange_name))
     assert relay.drain(timeout=20) == 0
     (row,) = event_rows(pg_engine)
