@@ -291,10 +291,7 @@ class Relay:
             # with duplicates while nobody binds a queue.
             self._probing = result.failure == RETURNED
             self.store.record_failure([failed.position], f"{result.failure}: {result.detail}")
-            self._backoff = min(
-                self.settings.backoff_max, max(self.settings.backoff_initial, self._backoff * 2)
-            )
-            self._stop.wait(self._backoff)
+            self._sleep(self._stop)
         return False
 
     def _mark(self, positions: list[int]) -> None:
@@ -356,13 +353,11 @@ class Relay:
         if now < self._next_rebalance:
             return
         ttl = self.settings.lease_ttl
-        if not self._registered:
-            self.store.register_relay(self.relay_id, socket.gethostname(), os.getpid())
-            self._registered = True
-        if self._inflight and not self._collect():
-            pass  # never release a partition with messages in flight
+        if self._inflight:
+            self._collect()  # never release a partition with messages in flight
         self._mark(self._to_mark)
-        lease = self.store.rebalance(self.relay_id, ttl)
+        lease = self.store.rebalance(self.relay_id, ttl)  # also registers this relay
+        self._registered = True
         # Count the lease from before the request: the database's expiry is later.
         self._lease_deadline = now + ttl * 0.8
         self._next_rebalance = now + ttl / 5

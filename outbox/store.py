@@ -276,42 +276,11 @@ class SqlStore:
     def partition_count(self) -> int:
         return self._run(lambda c: c.execute(select(func.count()).select_from(P)).scalar_one())
 
-    def register_relay(self, relay_id: str, hostname: str, pid: int) -> None:
-        def work(connection: Connection) -> None:
-            connection.execute(delete(R).where(R.c.relay_id == relay_id))
-            connection.execute(
-                insert(R).values(
-                    relay_id=relay_id,
-                    hostname=hostname,
-                    pid=pid,
-                    started_at=self._at(),
-                    heartbeat_at=self._at(),
-                )
-            )
-
-        self._run(work)
-
-    def renew(self, relay_id: str, ttl: float) -> Lease:
-        """Extend this relay's heartbeat and leases; return what it still owns."""
-        expires = self._at(ttl)
-        now = self._at()
-
-        def work(connection: Connection) -> Lease:
-            connection.execute(update(R).where(R.c.relay_id == relay_id).values(heartbeat_at=now))
-            rows = connection.execute(
-                update(P)
-                .where(P.c.owner == relay_id)
-                .values(lease_expires_at=expires)
-                .returning(P.c.partition, P.c.epoch)
-            )
-            return Lease(epochs={r.partition: r.epoch for r in rows})
-
-        return self._run(work)
-
     def rebalance(self, relay_id: str, ttl: float) -> Lease:
         """Renew, then release partitions above this relay's fair share or claim up to it.
 
-        Live relays are those whose heartbeat is younger than ``ttl``; a
+        A relay joins by its first call (and again if others removed it as
+        stale). Live relays are those whose heartbeat is younger than ``ttl``; a
         partition is free when unowned or its lease expired. Claiming bumps the
         partition's epoch, which fences out the previous owner.
         """
