@@ -22,7 +22,7 @@ from typing import Any
 
 from amqp.serialization import _write_item  # the reference encoder for exotic values
 
-from outbox.message import OutgoingMessage
+from outbox.message import REPEATING_HEADERS, OutgoingMessage
 
 FRAME_METHOD = 1
 FRAME_HEADER = 2
@@ -44,6 +44,7 @@ _LONG_ITEM = Struct(">cq")
 _BOOL_ITEM = Struct(">cB")
 _FLOAT_ITEM = Struct(">cd")
 _PERSISTENT = b"\x02"
+_MEMO_LIMIT = 4096
 
 
 def _shortstr(text: str) -> bytes:
@@ -53,11 +54,30 @@ def _shortstr(text: str) -> bytes:
     return _U8.pack(len(raw)) + raw
 
 
-def encode_table(table: Mapping[str, Any]) -> bytes:
-    """A field table, byte for byte as py-amqp's ``_write_table`` writes it."""
+def encode_table(
+    table: Mapping[str, Any],
+    memo: dict[tuple[str, str], bytes] | None = None,
+    repeating: frozenset[str] = frozenset(),
+) -> bytes:
+    """A field table, byte for byte as py-amqp's ``_write_table`` writes it.
+
+    With ``memo``, the encoded item of a string header named in ``repeating``
+    (the action, schema URI, CloudEvents type: a handful of distinct values
+    across millions of messages) is kept and reused.
+    """
     parts: list[bytes] = []
     append = parts.append
     for key, value in table.items():
+        if memo is not None and key in repeating and isinstance(value, str):
+            item = memo.get((key, value))
+            if item is None:
+                raw = value.encode("utf-8", "surrogatepass")
+                item = _shortstr(key) + _STR_ITEM.pack(b"S", len(raw)) + raw
+                if len(memo) >= _MEMO_LIMIT:
+                    memo.clear()
+                memo[(key, value)] = item
+            append(item)
+            continue
         append(_shortstr(key))
         # bool before int: bool is an int subclass. Same order as py-amqp.
         if isinstance(value, str):
@@ -95,6 +115,7 @@ class PublishEncoder:
         self._exchange = _shortstr(exchange)
         self._routing: dict[str, bytes] = {}
         self._content_types: dict[str, bytes] = {}
+        self._items: dict[tuple[str, str], bytes] = {}
 
     def _method_frame(self, routing_key: str, mandatory: bool) -> bytes:
         cached = self._routing.get(routing_key)
@@ -119,7 +140,7 @@ class PublishEncoder:
         body = message.body
         properties = (
             content_type
-            + encode_table(message.headers)
+            + encode_table(message.headers, self._items, REPEATING_HEADERS)
             + _PERSISTENT
             + _shortstr(message.message_id)
             + _U64.pack(int(message.timestamp.timestamp()))

@@ -16,6 +16,18 @@ from outbox.store import EventRow
 
 CONTENT_TYPE_JSON = "application/json"
 CLOUDEVENTS_SPEC_VERSION = "1.0"
+# Headers with few distinct values across all messages (the frame encoder memoises them).
+REPEATING_HEADERS = frozenset(
+    (
+        "outbox-action",
+        "outbox-schema",
+        "outbox-resource-type",
+        "ce-specversion",
+        "ce-source",
+        "ce-type",
+        "ce-dataschema",
+    )
+)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -29,6 +29,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from outbox import fastcheck
 from outbox.errors import EnvelopeError, OutboxError, PublishError, StoreUnavailable
@@ -46,6 +49,24 @@ UNROUTABLE_POLICIES = ("retry", "dead")
 def _reject_non_json_constant(name: str) -> object:
     # Python's json accepts NaN and Infinity; consumers' parsers do not.
     raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_payload(payload: str) -> Any:
+    """The stored envelope as Python values; ValueError if it is not JSON.
+
+    orjson parses a 1 KiB envelope in a fifth of the stdlib's time. What it
+    refuses and the stdlib accepts (lone surrogate escapes) goes to the
+    stdlib, so the relay accepts exactly the documents it always has: standard
+    JSON without NaN or Infinity. The body sent is the stored text, never
+    these values; they serve the checks. One difference remains: orjson reads
+    an integer beyond 64 bits as a float, so content validation compares such
+    a number at double precision, as RFC 8259 (section 6) warns most JSON
+    consumers will.
+    """
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload, parse_constant=_reject_non_json_constant)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,7 +328,7 @@ class Relay:
             if row.ordering_key in held:
                 continue
             try:
-                data = json.loads(row.payload, parse_constant=_reject_non_json_constant)
+                data = parse_payload(row.payload)
                 fastcheck.check_envelope(data)
                 if self.content_validator is not None:
                     self.content_validator(row, data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import logging
 import threading
 from typing import Any
@@ -90,6 +91,10 @@ def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
 
     waker = threading.Thread(target=wake_on_stop, daemon=True)
     waker.start()
+    # Everything built so far (modules, engine, schemas) lives as long as the
+    # process: keep it out of the collector's full passes, which otherwise
+    # walk it all and pause the relay for milliseconds (tail latency).
+    gc.freeze()
     try:
         relay.run(stop)
     finally:

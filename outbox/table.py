@@ -49,7 +49,8 @@ event = Table(
     # Assigned after the producer holds the per-key lock, so for one ordering
     # key position order is commit order (see docs/guarantees.md).
     Column("position", _Position, Identity(), primary_key=True),
-    Column("event_id", Uuid(), nullable=False, unique=True),
+    # Unique by construction (UUID4); indexed for undelivered rows only, below.
+    Column("event_id", Uuid(), nullable=False),
     Column("ordering_key", Text(), nullable=False),
     Column("partition", SmallInteger(), nullable=False),
     Column("routing_key", Text(), nullable=False),
@@ -85,7 +86,22 @@ event = Table(
         postgresql_where=text("state = 'delivered'"),
         sqlite_where=text("state = 'delivered'"),
     ),
-    Index("ix_outbox_event_key_position", "ordering_key", "position"),
+    # Operators look up dead rows and what waits behind them. Delivered rows
+    # stay out: marking a row delivered then adds no entry to these indexes
+    # (revision outbox_0002 says why that matters).
+    Index(
+        "ix_outbox_event_undelivered_id",
+        "event_id",
+        postgresql_where=text("state <> 'delivered'"),
+        sqlite_where=text("state <> 'delivered'"),
+    ),
+    Index(
+        "ix_outbox_event_undelivered_key",
+        "ordering_key",
+        "position",
+        postgresql_where=text("state <> 'delivered'"),
+        sqlite_where=text("state <> 'delivered'"),
+    ),
 )
 
 partition = Table(

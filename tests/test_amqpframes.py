@@ -111,3 +111,26 @@ def test_write_batch_keeps_order_and_bytes() -> None:
     write_batch(writes.append, frames, chunk_bytes=2500)
     assert b"".join(writes) == b"".join(frames)
     assert len(writes) == 4  # 3 + 3 + 3 + 1 frames
+
+
+SHARED_ENCODER = PublishEncoder(channel_id=1, exchange="outbox", frame_max=131072)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    headers=st.fixed_dictionaries(
+        {
+            "outbox-action": st.sampled_from(["create", "update", "delete", "ünïcode"]),
+            "ce-type": st.sampled_from(["case.update", "case.create"]),
+            "outbox-schema": st.one_of(
+                st.sampled_from(["https://e.org/a.json"]), st.integers(-(2**31), 2**31)
+            ),
+            "ce-id": st.text(max_size=40),
+        }
+    )
+)
+def test_memoised_repeating_headers_encode_as_py_amqp(headers: dict[str, Any]) -> None:
+    # One encoder across all examples: items memoised by earlier messages are reused.
+    message = outgoing(headers, b"{}")
+    expected = reference_frames(message, exchange="outbox", frame_max=131072)
+    assert SHARED_ENCODER.encode(message) == expected

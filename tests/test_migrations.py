@@ -8,13 +8,14 @@ import os
 import shlex
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, Identity, inspect, text
+from sqlalchemy import Engine, Identity, func, inspect, select, text
 
 from outbox import migrate, table
 from outbox.database import create_outbox_engine
@@ -24,6 +25,7 @@ from tests.docblocks import code_blocks
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OUTBOX_TABLES = set(table.metadata.tables)
+HEAD = "outbox_0002"
 SERVICE_SECTION = "Include the outbox migrations in your service's Alembic history"
 
 
@@ -109,6 +111,54 @@ def test_the_diff_check_catches_a_drift(empty_pg_engine: Engine) -> None:
     assert _diff(empty_pg_engine) != []
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_upgrade_from_0001_keeps_rows_and_indexes_only_undelivered_ids_and_keys(
+    backend: str, request: pytest.FixtureRequest
+) -> None:
+    engine: Engine = request.getfixturevalue(
+        "empty_pg_engine" if backend == "postgresql" else "empty_sqlite_engine"
+    )
+    migrate.upgrade(engine, revision="outbox_0001")
+    rows = [
+        {"state": state, "event_id": uuid.uuid4(), "ordering_key": f"case:1:{i}"}
+        for i, state in enumerate(["pending", "delivered", "dead", "skipped"])
+    ]
+    with engine.begin() as connection:
+        for row in rows:
+            connection.execute(
+                table.event.insert().values(
+                    partition=0,
+                    routing_key="case.update",
+                    resource_type="case",
+                    payload="{}",
+                    **row,
+                )
+            )
+
+    migrate.upgrade(engine)
+
+    assert migrate.current_revision(engine) == HEAD
+    assert _diff(engine) == []
+    with engine.connect() as connection:
+        kept = connection.execute(select(table.event.c.event_id, table.event.c.state)).all()
+    assert sorted(kept) == sorted((r["event_id"], r["state"]) for r in rows)
+    indexes = {i["name"]: i for i in inspect(engine).get_indexes("outbox_event")}
+    assert "ix_outbox_event_key_position" not in indexes
+    for name in ("ix_outbox_event_undelivered_id", "ix_outbox_event_undelivered_key"):
+        where = str(indexes[name]["dialect_options"][f"{backend}_where"])
+        # PostgreSQL returns the predicate normalised: ((state)::text <> 'delivered'::text)
+        assert "<> 'delivered'" in where and "state" in where
+    assert inspect(engine).get_unique_constraints("outbox_event") == []
+
+    migrate.downgrade(engine, revision="outbox_0001")
+
+    assert [c["column_names"] for c in inspect(engine).get_unique_constraints("outbox_event")] == [
+        ["event_id"]
+    ]
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(table.event)).scalar() == 4
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     env.update(extra)
@@ -129,7 +179,7 @@ def test_alembic_upgrade_head_from_the_repository_root(empty_pg_database: str) -
     engine = create_outbox_engine(url)
     try:
         assert _tables(engine) == OUTBOX_TABLES | {migrate.VERSION_TABLE}
-        assert migrate.current_revision(engine) == "outbox_0001"
+        assert migrate.current_revision(engine) == HEAD
     finally:
         engine.dispose()
 
@@ -209,7 +259,7 @@ def test_a_service_alembic_history_includes_our_revisions(
                 connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
             )
         # One head per branch: ours is recorded in the service's version table.
-        assert versions == {"svc_0001", "outbox_0001"}
+        assert versions == {"svc_0001", HEAD}
         assert migrate.current_revision(engine) is None  # not in outbox_alembic_version
         # Our tables are exactly the metadata; the only other table is the service's.
         diff = _diff(engine)
