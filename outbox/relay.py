@@ -87,6 +87,10 @@ class RelaySettings:
             raise ValueError(f"unroutable must be one of {UNROUTABLE_POLICIES}")
 
 
+class BrokerUnavailable(PublishError):
+    """The broker cannot be reached; the batch was not sent, its rows stay pending."""
+
+
 class Wakeup:
     """Set when new work may exist (a NOTIFY); the loop also polls without it."""
 
@@ -187,6 +191,11 @@ class Relay:
             self._settle_inflight()
             self._sleep(stop)
             return False
+        except BrokerUnavailable as exc:
+            emit(log, "relay_broker_unavailable", "%s", exc, level=logging.WARNING)
+            self.observer.broker_connected(False)
+            self._sleep(stop)
+            return False
         except OutboxError as exc:
             emit(log, "relay_error", "%s", exc, level=logging.ERROR)
             self._settle_inflight()
@@ -261,9 +270,7 @@ class Relay:
         try:
             self.publisher.connect()
         except PublishError as exc:
-            self.observer.broker_connected(False)
-            emit(log, "relay_broker_unavailable", "%s", exc, level=logging.WARNING)
-            raise
+            raise BrokerUnavailable(str(exc)) from exc
         self.observer.broker_connected(True)
         self._sent_at = time.monotonic()
         self.publisher.send(messages)

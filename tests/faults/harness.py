@@ -293,6 +293,25 @@ def close_broker_connections(pid: int) -> int:
     return closed
 
 
+def restart_broker(down_seconds: float) -> None:
+    """Stop RabbitMQ's application, keep it down ``down_seconds``, start it again.
+
+    The Erlang node stays up (rabbitmqctl can reach it); every connection is
+    dropped, durable queues and persistent messages survive, as they do when
+    the broker restarts. Returns once the broker takes connections again.
+    """
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, timeout=120, check=True)
+
+    ctl("stop_app")
+    try:
+        time.sleep(down_seconds)
+    finally:
+        ctl("start_app")
+        ctl("await_startup")
+
+
 # -- waiting and checking ------------------------------------------------------
 
 

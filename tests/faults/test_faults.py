@@ -207,6 +207,28 @@ def test_broker_closes_relay_connections(
     assert report.faults_injected >= 1
 
 
+def test_broker_restarts(
+    scenario: Callable[..., harness.Report], pg_database: str, tmp_path: Path
+) -> None:
+    if shutil.which("rabbitmqctl") is None and not os.environ.get("CI"):
+        pytest.skip("needs rabbitmqctl on this host")
+
+    def chaos(relays: list[harness.RelayProcess], producers: harness.Producers) -> int:
+        url = pg_url(pg_database)
+
+        def restart(rng: random.Random) -> bool:
+            harness.restart_broker(down_seconds=rng.uniform(0.5, 3.0))
+            return True
+
+        return while_producing(producers, 2, restart, database_url=url)
+
+    report = scenario("RabbitMQ restarted", chaos, replicas=2)
+    assert report.faults_injected >= 1
+    # The restarts reached the relays: they lost the broker and came back.
+    logs = "".join(path.read_text() for path in tmp_path.glob("relay*.log"))
+    assert '"relay_publish_failed"' in logs or '"relay_broker_unavailable"' in logs
+
+
 def test_pg_terminate_relay_backends(
     scenario: Callable[..., harness.Report], pg_database: str
 ) -> None:
