@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox import migrate, ordering
+from outbox.bench_cpu import GROUPS, CpuUse, measure_cpu
 from outbox.database import create_outbox_engine, redact
 from outbox.message import OutgoingMessage, build_message
 from outbox.producer import ProducerOptions, prepare_row
@@ -284,7 +285,7 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
     """
     engine = create_outbox_engine(ctx.database_url, pool_size=4)
     settings = RelaySettings(batch_size=ctx.batch_size)
-    measured: list[tuple[float, float, float]] = []  # relay, raw, py-amqp loop
+    measured: list[_DrainRound] = []
     try:
         for round_ in range(rounds):
             _truncate(ctx)
@@ -293,18 +294,35 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
             plain = plain_amqp_rate(ctx, messages)
             purge(ctx)
             if round_ % 2 == 0:
-                raw = raw_publish_rate(ctx, messages)
+                with measure_cpu() as raw_cpu:
+                    raw = raw_publish_rate(ctx, messages)
                 purge(ctx)
-            rate = drain_rate(ctx, engine)
+            with measure_cpu() as relay_cpu:
+                rate = drain_rate(ctx, engine)
             purge(ctx)
             if round_ % 2 == 1:
-                raw = raw_publish_rate(ctx, messages)
+                with measure_cpu() as raw_cpu:
+                    raw = raw_publish_rate(ctx, messages)
                 purge(ctx)
-            measured.append((rate, raw, plain))
+            measured.append(_DrainRound(rate, raw, plain, relay_cpu, raw_cpu))
             print(f"drain round {round_ + 1}: {rate / raw:.2f}x", file=sys.stderr, flush=True)
     finally:
         engine.dispose()
-    rate, raw, plain = sorted(measured, key=lambda m: m[0] / m[1])[len(measured) // 2]
+    median = sorted(measured, key=lambda m: m.rate / m.raw)[len(measured) // 2]
+    rate, raw, plain = median.rate, median.raw, median.plain
+    relay_us = median.relay_cpu.per_event_us(ctx.events)
+    raw_us = median.raw_cpu.per_event_us(ctx.events)
+    cpu_rows = [
+        Figure(
+            name=f"  CPU per event, {group} (us)",
+            value=relay_us[group],
+            unit="us",
+            baseline=raw_us[group],
+            baseline_name="same round's baseline",
+        )
+        for group in GROUPS
+        if relay_us[group] or raw_us[group]
+    ]
     n = f"{ctx.events:,}"
     return [
         Figure(
@@ -322,7 +340,17 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
             baseline=raw,
             baseline_name="same round's baseline",
         ),
+        *cpu_rows,
     ]
+
+
+@dataclass(frozen=True)
+class _DrainRound:
+    rate: float
+    raw: float
+    plain: float
+    relay_cpu: CpuUse
+    raw_cpu: CpuUse
 
 
 # -- figure 2: producer -----------------------------------------------------

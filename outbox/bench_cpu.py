@@ -1,0 +1,71 @@
+"""Where the CPU goes during a benchmark step, by process group (Linux /proc).
+
+On a host that runs the broker, PostgreSQL and the relay together, the drain
+is bound by CPU: what the relay and PostgreSQL use is taken from the broker.
+The drain figure prints these per-event costs for the relay and for its
+baseline, so the gap between them can be read, not guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+GROUPS = ("broker", "postgres", "this process", "kernel")
+_BROKER = ("beam.smp", "erl_child_setup", "inet_gethost", "epmd")
+_KERNEL = ("kworker", "ksoftirqd", "jbd2", "kswapd")
+
+
+def _group(pid: int, name: str) -> str | None:
+    if pid == os.getpid():
+        return "this process"
+    if name in _BROKER or name.startswith(("1_", "2_")):  # beam's scheduler threads
+        return "broker"
+    if name.startswith("postgres"):
+        return "postgres"
+    if name.startswith(_KERNEL):
+        return "kernel"
+    return None
+
+
+def _cpu_by_pid() -> dict[int, tuple[str, float]]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        found[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+    return found
+
+
+class CpuUse:
+    """CPU seconds per group used between entering and leaving :func:`measure_cpu`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def per_event_us(self, events: int) -> dict[str, float]:
+        return {g: self.seconds.get(g, 0.0) / events * 1e6 for g in GROUPS}
+
+
+@contextmanager
+def measure_cpu() -> Iterator[CpuUse]:
+    use = CpuUse()
+    available = Path("/proc/self/stat").exists()
+    before = _cpu_by_pid() if available else {}
+    yield use
+    if not available:
+        return
+    for pid, (name, seconds) in _cpu_by_pid().items():
+        group = _group(pid, name)
+        if group is not None:
+            used = seconds - before.get(pid, (name, 0.0))[1]
+            use.seconds[group] = use.seconds.get(group, 0.0) + used
