@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from outbox.errors import ContentEncodingError
 
 JsonValue = Any
@@ -71,5 +73,15 @@ def to_jsonable(value: Any, path: str = "content") -> JsonValue:
 
 
 def dumps(value: JsonValue) -> str:
-    """Compact JSON of an already-jsonable value."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """Compact JSON of an already-jsonable value (:func:`to_jsonable` rejected NaN).
+
+    orjson writes compact JSON without escaping non-ASCII text, as the
+    stdlib's ``json.dumps`` did here, several times faster; the one visible
+    difference is the exponent of some floats (``1e-7`` for ``1e-07``), the
+    same number. What orjson refuses (integers beyond 64 bits, lone
+    surrogates) the stdlib writes as before.
+    """
+    try:
+        return orjson.dumps(value).decode("utf-8")
+    except (orjson.JSONEncodeError, UnicodeDecodeError):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -57,7 +57,8 @@ event = Table(
     Column("resource_type", Text(), nullable=False),
     Column("payload", Text(), nullable=False),
     # Extra message headers set by the producer (trace context, resource version...).
-    Column("headers", JSON(), nullable=True),
+    # None is SQL NULL, not the JSON text 'null': no encoding per row, nothing stored.
+    Column("headers", JSON(none_as_null=True), nullable=True),
     Column("schema_version", Integer(), nullable=True),
     Column("state", String(16), nullable=False, server_default=text("'pending'")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),

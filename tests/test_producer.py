@@ -182,3 +182,23 @@ def test_first_event_published_inside_a_savepoint_goes_with_it(engine: Engine) -
         outbox.publish(session, case(2))
 
     assert case_ids(engine) == [2]
+
+
+def test_an_event_without_headers_stores_sql_null(engine: Engine) -> None:
+    with Session(engine) as session, session.begin():
+        outbox.publish(session, case(1))
+    with engine.connect() as connection:
+        is_null = connection.execute(select(table.event.c.headers.is_(None))).scalar_one()
+    assert is_null is True  # not the JSON text 'null'
+
+
+def test_payload_keeps_integers_beyond_64_bits_exact(engine: Engine) -> None:
+    # orjson refuses them; the stdlib encoder takes over.
+    content = {"big": 2**70, "small": 1e-7, "text": "ü"}
+    with Session(engine) as session, session.begin():
+        outbox.publish(session, case(1, **content))
+    (row,) = rows(engine)
+    stored = json.loads(row.payload)["resource"]["content"]
+    assert stored == {"tenantId": 1, "id": 1, **content}
+    assert "1180591620717411303424" in row.payload  # exact, not a float
+    assert "ü" in row.payload  # not escaped
