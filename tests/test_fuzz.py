@@ -29,7 +29,7 @@ from outbox.database import create_outbox_engine
 from outbox.envelope import Envelope
 from outbox.errors import ConfigurationError, EnvelopeError, OutboxError
 from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
+from outbox.relay import Relay, RelaySettings, parse_payload
 from outbox.store import SqlStore
 from outbox.validation import check_envelope
 
@@ -138,6 +138,46 @@ def test_check_envelope_accepts_or_raises_envelope_error(document: Any) -> None:
     except EnvelopeError:
         return  # e.g. NaN content: accepted by the schema, refused by the lossless codec
     check_envelope(again)
+
+
+def _stdlib_parse(text: str) -> Any:
+    def reject(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(text, parse_constant=reject)
+
+
+@settings(max_examples=examples(500), deadline=None)
+@given(
+    text=texts
+    | st.integers().map(str)
+    | st.floats().map(lambda f: json.dumps([f]))
+    # Valid for the stdlib, refused by orjson: the fallback must take them.
+    | st.sampled_from(['"\\ud800"', '{"a":["\\udfff"]}', str(2**80), "1e400"])
+)
+def test_relay_parser_accepts_exactly_what_the_stdlib_accepts(text: str) -> None:
+    tried["relay parser"] += 1
+    try:
+        expected: Any = _stdlib_parse(text)
+    except (ValueError, RecursionError):
+        with pytest.raises((ValueError, RecursionError)):
+            parse_payload(text)
+        return
+    got = parse_payload(text)
+    # Equal values; orjson reads an integer beyond 64 bits as a float.
+    assert got == expected or json.dumps(got) == json.dumps(_as_floats(expected))
+
+
+def _as_floats(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return float(value)
+    if isinstance(value, list):
+        return [_as_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_floats(v) for k, v in value.items()}
+    return value
 
 
 # -- the relay, given rows written by other code ------------------------------
