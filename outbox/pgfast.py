@@ -85,21 +85,6 @@ def mark_and_fetch(
     ``connection`` is a psycopg connection inside an open transaction.
     """
 
-    def make(*values: Any) -> Any:
-        return row_class(
-            position=values[0],
-            event_id=values[1],
-            ordering_key=values[2],
-            partition=values[3],
-            routing_key=values[4],
-            resource_type=values[5],
-            payload=values[6],
-            headers=values[7],
-            schema_version=values[8],
-            created_at=values[9],
-            attempts=values[10],
-        )
-
     marked = 0
     with connection.pipeline():
         mark_cursor = connection.cursor()
@@ -108,7 +93,8 @@ def mark_and_fetch(
             mark_cursor.execute(
                 MARK_DELETE if delete_rows else MARK, {"positions": list(mark)}, prepare=prepare
             )
-        fetch_cursor = connection.cursor(row_factory=args_row(make))
+        # The columns in the order of the row class's fields: built positionally.
+        fetch_cursor = connection.cursor(row_factory=args_row(row_class))
         fetched = False
         if partitions and limit > 0:
             params: dict[str, Any] = {
