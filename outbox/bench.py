@@ -572,7 +572,6 @@ def figure_latency(ctx: Context, rate: float = 500.0, seconds: float = 10.0) -> 
         consumer.join(30)
         engine.dispose()
     latencies = sorted((received[k] - t) * 1000 for k, t in committed.items() if k in received)
-
     if len(latencies) < total:
         raise RuntimeError(f"only {len(latencies)} of {total} events arrived")
     p50 = latencies[len(latencies) // 2]
