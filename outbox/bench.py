@@ -22,9 +22,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import amqp
@@ -286,6 +287,13 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
     engine = create_outbox_engine(ctx.database_url, pool_size=4)
     settings = RelaySettings(batch_size=ctx.batch_size)
     measured: list[_DrainRound] = []
+
+    def timed(measure: Callable[[], float]) -> tuple[float, CpuUse]:
+        with measure_cpu() as cpu:
+            rate = measure()
+        purge(ctx)
+        return rate, cpu
+
     try:
         for round_ in range(rounds):
             _truncate(ctx)
@@ -293,17 +301,12 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
             messages = outgoing_messages(SqlStore(engine), settings)
             plain = plain_amqp_rate(ctx, messages)
             purge(ctx)
-            if round_ % 2 == 0:
-                with measure_cpu() as raw_cpu:
-                    raw = raw_publish_rate(ctx, messages)
-                purge(ctx)
-            with measure_cpu() as relay_cpu:
-                rate = drain_rate(ctx, engine)
-            purge(ctx)
-            if round_ % 2 == 1:
-                with measure_cpu() as raw_cpu:
-                    raw = raw_publish_rate(ctx, messages)
-                purge(ctx)
+            baseline_first = round_ % 2 == 0
+            if baseline_first:
+                raw, raw_cpu = timed(partial(raw_publish_rate, ctx, messages))
+            rate, relay_cpu = timed(partial(drain_rate, ctx, engine))
+            if not baseline_first:
+                raw, raw_cpu = timed(partial(raw_publish_rate, ctx, messages))
             measured.append(_DrainRound(rate, raw, plain, relay_cpu, raw_cpu))
             print(f"drain round {round_ + 1}: {rate / raw:.2f}x", file=sys.stderr, flush=True)
     finally:

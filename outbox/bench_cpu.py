@@ -21,7 +21,7 @@ _KERNEL = ("kworker", "ksoftirqd", "jbd2", "kswapd")
 def _group(pid: int, name: str) -> str | None:
     if pid == os.getpid():
         return "this process"
-    if name in _BROKER or name.startswith(("1_", "2_")):  # beam's scheduler threads
+    if name in _BROKER:
         return "broker"
     if name.startswith("postgres"):
         return "postgres"
