@@ -76,13 +76,18 @@ def empty_sqlite_engine(tmp_path: Path) -> Any:
     engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_engine(request: pytest.FixtureRequest) -> Engine:
+    """An engine on an empty database, once per backend."""
+    fixture = "empty_pg_engine" if request.param == "postgresql" else "empty_sqlite_engine"
+    engine: Engine = request.getfixturevalue(fixture)
+    return engine
+
+
 def test_migrations_equal_the_metadata_and_downgrade_removes_everything(
-    backend: str, request: pytest.FixtureRequest
+    empty_engine: Engine,
 ) -> None:
-    engine: Engine = request.getfixturevalue(
-        "empty_pg_engine" if backend == "postgresql" else "empty_sqlite_engine"
-    )
+    engine = empty_engine
     assert _tables(engine) == set()
 
     migrate.upgrade(engine)
@@ -111,13 +116,10 @@ def test_the_diff_check_catches_a_drift(empty_pg_engine: Engine) -> None:
     assert _diff(empty_pg_engine) != []
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
 def test_upgrade_from_0001_keeps_rows_and_indexes_only_undelivered_ids_and_keys(
-    backend: str, request: pytest.FixtureRequest
+    empty_engine: Engine,
 ) -> None:
-    engine: Engine = request.getfixturevalue(
-        "empty_pg_engine" if backend == "postgresql" else "empty_sqlite_engine"
-    )
+    engine = empty_engine
     migrate.upgrade(engine, revision="outbox_0001")
     rows = [
         {"state": state, "event_id": uuid.uuid4(), "ordering_key": f"case:1:{i}"}
@@ -145,7 +147,7 @@ def test_upgrade_from_0001_keeps_rows_and_indexes_only_undelivered_ids_and_keys(
     indexes = {i["name"]: i for i in inspect(engine).get_indexes("outbox_event")}
     assert "ix_outbox_event_key_position" not in indexes
     for name in ("ix_outbox_event_undelivered_id", "ix_outbox_event_undelivered_key"):
-        where = str(indexes[name]["dialect_options"][f"{backend}_where"])
+        where = str(indexes[name]["dialect_options"][f"{engine.dialect.name}_where"])
         # PostgreSQL returns the predicate normalised: ((state)::text <> 'delivered'::text)
         assert "<> 'delivered'" in where and "state" in where
     assert inspect(engine).get_unique_constraints("outbox_event") == []
