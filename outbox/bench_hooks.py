@@ -30,8 +30,9 @@ from sqlalchemy.orm import (
 )
 
 from outbox import migrate
-from outbox.database import create_outbox_engine, redact
+from outbox.database import create_outbox_engine
 from outbox.hooks import child_of, instrument, resource
+from outbox.redaction import redact
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -10,7 +10,8 @@ import kombu
 from sqlalchemy import Engine, text
 
 from outbox import migrate
-from outbox.database import create_outbox_engine, redact
+from outbox.database import create_outbox_engine
+from outbox.redaction import describe_url, redact, redact_error
 
 PASS = "PASS"
 FAIL = "FAIL"
@@ -142,7 +143,18 @@ def _broker_checks(
 ) -> Iterator[CheckResult]:
     shown = redact(url)
     exchange = str(values.get("exchange") or "outbox")
-    connection = kombu.Connection(url, connect_timeout=connect_timeout, ssl=_tls(values))
+    try:
+        connection = kombu.Connection(url, connect_timeout=connect_timeout, ssl=_tls(values))
+    except ValueError as exc:  # a URL that does not parse: a port that is not a number
+        yield CheckResult(
+            name="broker",
+            status=FAIL,
+            detail=f"bad broker URL {describe_url(url)}: {redact_error(str(exc), url)}",
+            fix="percent-encode the user name and password of the broker URL "
+            "(@ is %40, / is %2F, ? is %3F, # is %23, a space is %20)",
+        )
+        yield CheckResult(name="exchange", status=SKIP, detail="broker unreachable")
+        return
     try:
         try:
             connection.connect()

@@ -22,9 +22,10 @@ from typing import Any
 from sqlalchemy import Engine
 
 from outbox import settings as config
-from outbox.database import create_outbox_engine, normalize_url, redact
+from outbox.database import create_outbox_engine, normalize_url
 from outbox.errors import ConfigurationError, OutboxError, SchemaNotMigrated, StoreUnavailable
 from outbox.logs import emit
+from outbox.redaction import redact
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -195,10 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.run(values, args)
         return code
     except SchemaNotMigrated as exc:
-        print(f"outbox: {exc}", file=sys.stderr)
+        print(f"outbox: {redact(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except ConfigurationError as exc:
-        print(f"outbox: {exc}", file=sys.stderr)
+        print(f"outbox: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except OutboxError as exc:
         print(f"outbox: {redact(str(exc))}", file=sys.stderr)

@@ -6,7 +6,6 @@ timeout so that the producer and the relay can share one file.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -14,26 +13,34 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from outbox.errors import ConfigurationError
-
-_SECRET_IN_URL = re.compile(
-    r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)(?P<secret>[^@\s]*)(?=@)", re.I
+from outbox.redaction import (
+    describe_url,
+    is_keyword_dsn,
+    redact,
+    register_secret,
+    register_secrets_in,
 )
-_SECRET_IN_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|secret)=)[^&\s]*", re.I)
 
-
-def redact(text: str) -> str:
-    """Hide passwords in every URL inside ``text`` (for logs, errors and output)."""
-    text = _SECRET_IN_URL.sub(lambda m: m.group("head") + "***", text)
-    return _SECRET_IN_QUERY.sub(lambda m: m.group("head") + "***", text)
+__all__ = ["create_outbox_engine", "normalize_url", "redact"]  # redact: moved to outbox.redaction
 
 
 def normalize_url(url: str | URL) -> URL:
     """Parse a SQLAlchemy URL, choosing psycopg 3 for bare PostgreSQL URLs."""
+    if isinstance(url, str):
+        register_secrets_in(url)  # also for callers that did not resolve settings
+    elif url.password is not None:
+        register_secret(str(url.password))
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        if isinstance(url, str) and is_keyword_dsn(url):
+            raise ConfigurationError(
+                f"database URL {redact(url)!r} is a libpq keyword/value string; keyword "
+                "DSNs are not accepted: use a URL such as postgresql://user@host:5432/dbname, "
+                "with the password (percent-encoded) after the user name and a colon"
+            ) from None
         raise ConfigurationError(
-            f"database URL {redact(str(url))!r} is not a SQLAlchemy URL; "
+            f"database URL {describe_url(str(url))!r} is not a SQLAlchemy URL; "
             "expected e.g. postgresql://user@host:5432/dbname or sqlite:///outbox.db"
         ) from None
     if parsed.drivername in ("postgresql", "postgres"):

@@ -8,9 +8,9 @@ import time
 from sqlalchemy import Engine
 
 from outbox import migrate
-from outbox.database import redact
 from outbox.http import Check
 from outbox.metrics import PrometheusObserver
+from outbox.redaction import redact
 
 
 def liveness(observer: PrometheusObserver, max_silence: float) -> Check:

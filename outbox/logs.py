@@ -1,6 +1,6 @@
 """Structured log records: every record carries a machine-readable event name.
 
-``emit(log, "relay_batch_published", "published %d events", n, count=n)``
+``emit(log, "retention_purged", "purged %d rows", n, count=n)``
 logs the human message and attaches ``event`` plus the keyword fields, which
 the JSON formatter (:mod:`outbox.logformat`) writes as top-level keys.
 """

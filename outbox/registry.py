@@ -35,7 +35,6 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from outbox import compat, table, validation
-from outbox.database import redact
 from outbox.errors import (
     ConfigurationError,
     ContentValidationError,
@@ -45,6 +44,7 @@ from outbox.errors import (
     StoreUnavailable,
 )
 from outbox.logs import emit
+from outbox.redaction import redact
 
 if TYPE_CHECKING:
     from outbox.store import EventRow

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from outbox.errors import ConfigurationError
+from outbox.redaction import register_secrets_in
 from outbox.units import duration_seconds, port_number
 
 
@@ -325,6 +326,8 @@ def resolve(
         if raw is None:
             resolved[setting.name] = setting.default
             continue
+        if setting.secret and isinstance(raw, str):
+            register_secrets_in(raw)  # redacted from here on, in every log record and error
         try:
             resolved[setting.name] = setting.parse(str(raw)) if isinstance(raw, str) else raw
         except ValueError as exc:

@@ -8,6 +8,7 @@ not running, except under CI (``CI`` set), where they fail instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-from outbox import migrate
+from outbox import migrate, redaction
 from outbox.database import create_outbox_engine
 
 PG_ADMIN_URL = os.environ.get(
@@ -30,6 +31,23 @@ PG_URL_TEMPLATE = os.environ.get(
 )
 AMQP_URL = os.environ.get("OUTBOX_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 TEMPLATE_DB = f"outbox_template_{os.getpid()}"
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Forget the secrets a test registered: settings.resolve registers them process-wide."""
+    redaction.clear_secrets()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """The CLI, run in this process, configures the root and ``outbox`` loggers
+    (outbox.logformat): put them back, so that no test runs with another's logging."""
+    root, own = logging.getLogger(), logging.getLogger("outbox")
+    saved = (root.handlers[:], root.level, own.handlers[:], own.level, own.propagate)
+    try:
+        yield
+    finally:
+        root.handlers[:], root.level, own.handlers[:], own.level, own.propagate = saved
 
 
 def _unavailable(what: str, exc: Exception) -> None:

@@ -142,12 +142,12 @@ def run_cli(args: list[str]) -> int:
 
     from outbox.cli import main
 
-    logger = logging.getLogger("outbox")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
+    logger, root = logging.getLogger("outbox"), logging.getLogger()
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:], root.level)
     try:
         return main([*args, "--log-level", "WARNING", "--log-format", "json"])
     finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
+        logger.handlers[:], logger.level, logger.propagate, root.handlers[:], root.level = saved
 
 
 def envelope_json(key_id: int, version: int, tenant: int = 1) -> str:

@@ -135,8 +135,9 @@ def test_relay_forwards_events_and_stops_on_sigterm(
         2,
         2,
     ]
-    # JSON log records go to stdout, one per line.
-    events = [json.loads(line)["event"] for line in stdout.splitlines()]
+    # JSON log records go to stderr, one per line; stdout stays for command output.
+    assert stdout == ""
+    events = [json.loads(line)["event"] for line in stderr.splitlines()]
     assert "relay_started" in events and "relay_stopped" in events
     assert SECRET not in stdout + stderr
     assert "Traceback" not in stderr
@@ -218,7 +219,7 @@ def test_unreachable_broker_is_reported_in_one_line_and_retried(
         text=True,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr or ()), daemon=True)
     reader.start()
     try:
         deadline = time.monotonic() + 30
@@ -230,11 +231,12 @@ def test_unreachable_broker_is_reported_in_one_line_and_retried(
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
         reader.join(timeout=5)
-        stderr = process.stderr.read() if process.stderr else ""
+        stdout = process.stdout.read() if process.stdout else ""
         process.__exit__(None, None, None)  # closes the pipes
-    stdout = "".join(lines)
+    stderr = "".join(lines)
     assert process.returncode == 0
-    records = [json.loads(line) for line in stdout.splitlines()]  # every line is one JSON record
+    assert stdout == ""
+    records = [json.loads(line) for line in stderr.splitlines()]  # every line is one JSON record
     unreachable = [r for r in records if "cannot reach broker" in r["message"]]
     assert unreachable, stderr
     assert "127.0.0.1:1" in unreachable[0]["message"]
