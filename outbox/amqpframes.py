@@ -22,6 +22,7 @@ from typing import Any
 
 from amqp.serialization import _write_item  # the reference encoder for exotic values
 
+from outbox.errors import UnsendableEventError
 from outbox.message import REPEATING_HEADERS, OutgoingMessage
 
 FRAME_METHOD = 1
@@ -47,10 +48,12 @@ _PERSISTENT = b"\x02"
 _MEMO_LIMIT = 4096
 
 
-def _shortstr(text: str) -> bytes:
+def _shortstr(text: str, what: str = "an AMQP short string") -> bytes:
     raw = text.encode("utf-8", "surrogatepass")
     if len(raw) > 255:
-        raise ValueError(f"AMQP short string longer than 255 bytes: {text[:40]!r}...")
+        raise UnsendableEventError(
+            f"{what} is {len(raw)} bytes in UTF-8; AMQP allows at most 255: {text[:40]!r}..."
+        )
     return _U8.pack(len(raw)) + raw
 
 
@@ -72,13 +75,13 @@ def encode_table(
             item = memo.get((key, value))
             if item is None:
                 raw = value.encode("utf-8", "surrogatepass")
-                item = _shortstr(key) + _STR_ITEM.pack(b"S", len(raw)) + raw
+                item = _shortstr(key, "a header name") + _STR_ITEM.pack(b"S", len(raw)) + raw
                 if len(memo) >= _MEMO_LIMIT:
                     memo.clear()
                 memo[(key, value)] = item
             append(item)
             continue
-        append(_shortstr(key))
+        append(_shortstr(key, "a header name"))
         # bool before int: bool is an int subclass. Same order as py-amqp.
         if isinstance(value, str):
             raw = value.encode("utf-8", "surrogatepass")
@@ -124,7 +127,7 @@ class PublishEncoder:
                 _HEADER_HEAD.pack(BASIC_CLASS, BASIC_PUBLISH, 0, 0)[:4]  # class, method
                 + b"\x00\x00"  # reserved-1 (ticket)
                 + self._exchange
-                + _shortstr(routing_key)
+                + _shortstr(routing_key, "the routing key")
             )
             cached = args
             if len(self._routing) < 10_000:
@@ -133,6 +136,20 @@ class PublishEncoder:
         return _FRAME_HEAD.pack(FRAME_METHOD, self.channel_id, len(payload)) + payload + FRAME_END
 
     def encode(self, message: OutgoingMessage, *, mandatory: bool = True) -> bytes:
+        """The message's frames; UnsendableEventError if AMQP cannot carry it.
+
+        Every failure here is a property of the message itself (a string over
+        255 bytes, a number out of range, headers larger than a frame), so
+        sending it again could never succeed.
+        """
+        try:
+            return self._encode(message, mandatory)
+        except UnsendableEventError:
+            raise
+        except Exception as exc:  # struct.error, OverflowError, py-amqp's FrameSyntaxError...
+            raise UnsendableEventError(f"cannot encode the message: {exc}") from None
+
+    def _encode(self, message: OutgoingMessage, mandatory: bool) -> bytes:
         content_type = self._content_types.get(message.content_type)
         if content_type is None:
             content_type = _shortstr(message.content_type)
@@ -146,6 +163,11 @@ class PublishEncoder:
             + _U64.pack(int(message.timestamp.timestamp()))
         )
         header = _HEADER_HEAD.pack(BASIC_CLASS, 0, len(body), _FLAGS) + properties
+        if len(header) > self.body_chunk:
+            raise UnsendableEventError(
+                f"the message's properties and headers take {len(header)} bytes; the broker's "
+                f"frame size allows {self.body_chunk}"
+            )
         parts = [
             self._method_frame(message.routing_key, mandatory),
             _FRAME_HEAD.pack(FRAME_HEADER, self.channel_id, len(header)),

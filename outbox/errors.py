@@ -23,6 +23,14 @@ class ContentEncodingError(EnvelopeError, TypeError):
     """Content holds a value that has no lossless JSON encoding."""
 
 
+class UnsendableEventError(EnvelopeError):
+    """The event could never be sent to the broker: a length, range or size limit.
+
+    Raised by ``publish`` before anything is written; the relay marks a row it
+    cannot send (one written by other means) dead with the same message.
+    """
+
+
 class SchemaError(OutboxError):
     """A resource schema is unknown, malformed, or incompatible with its previous version."""
 

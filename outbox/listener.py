@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import psycopg
 from sqlalchemy.engine import URL
 
-from outbox.database import redact
 from outbox.logs import emit
 from outbox.producer import NOTIFY_CHANNEL
+from outbox.redaction import redact
 from outbox.relay import Wakeup
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,18 @@ def libpq_url(url: URL) -> str:
 
 
 class NotifyListener:
-    def __init__(self, url: URL, wakeup: Wakeup, *, channel: str = NOTIFY_CHANNEL) -> None:
+    def __init__(
+        self,
+        url: URL,
+        wakeup: Wakeup,
+        *,
+        channel: str = NOTIFY_CHANNEL,
+        connect_args: Mapping[str, Any] | None = None,
+    ) -> None:
         self._conninfo = libpq_url(url)
+        # The relay's session limits and keepalives (outbox.dbsession): a
+        # listener cut off from the server notices within about the lease TTL.
+        self._connect_args = dict(connect_args or {})
         self._wakeup = wakeup
         self._channel = channel
         self._stop = threading.Event()
@@ -53,7 +65,9 @@ class NotifyListener:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, **self._connect_args
+                ) as conn:
                     conn.execute(f'LISTEN "{self._channel}"')
                     self.listening.set()
                     # Anything committed while we were not listening is found by this poll.

@@ -9,9 +9,15 @@ RabbitMQ binding reads them).
 from __future__ import annotations
 
 import datetime as dt
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from outbox.errors import UnsendableEventError
+from outbox.limits import check_header_integers
 from outbox.store import EventRow
 
 CONTENT_TYPE_JSON = "application/json"
@@ -50,6 +56,42 @@ def _ce_time(moment: dt.datetime) -> str:
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _holds_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_float(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_float(item) for item in value)
+    return False
+
+
+def stored_headers(stored: str | Mapping[str, Any]) -> Mapping[str, Any]:
+    """The producer's extra headers of a row (stored as JSON text).
+
+    ValueError if they are not a JSON object; UnsendableEventError if a value
+    holds an integer that AMQP cannot carry.
+    """
+    headers = orjson.loads(stored) if isinstance(stored, str) else stored
+    if isinstance(stored, str) and _holds_float(headers):
+        # orjson reads an integer literal beyond 64 bits as a float, which would
+        # deliver another value; the stdlib keeps it exact, so it can be refused.
+        try:
+            headers = json.loads(stored)
+        except RecursionError as exc:
+            raise ValueError("the row's headers are nested too deeply") from exc
+    if headers is None:  # JSON null, as rows written before SQL NULL was used hold
+        return {}
+    if not isinstance(headers, Mapping):
+        raise ValueError(f"the row's headers must be a JSON object, not {type(headers).__name__}")
+    for name, value in headers.items():
+        check_header_integers(name, value)
+    return headers
+
+
 def build_message(
     row: EventRow,
     action: str,
@@ -62,6 +104,11 @@ def build_message(
 ) -> OutgoingMessage:
     """Build the message for ``row``; ``body`` defaults to the stored envelope, unchanged."""
     created = _utc(row.created_at)
+    if created < _EPOCH:
+        raise UnsendableEventError(
+            f"created_at {created.isoformat()} is before 1970: "
+            "an AMQP timestamp counts seconds since 1970 and cannot be negative"
+        )
     message_id = str(row.event_id)
     headers: dict[str, Any] = {
         "outbox-action": action,
@@ -79,7 +126,7 @@ def build_message(
     if row.schema_version is not None:
         headers["outbox-schema-version"] = row.schema_version
     if row.headers:
-        for name, value in row.headers.items():
+        for name, value in stored_headers(row.headers).items():
             headers.setdefault(name, value)
     return OutgoingMessage(
         position=row.position,

@@ -26,13 +26,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from outbox.errors import OutboxError
 from outbox.logs import emit
 from outbox.observer import RelayObserver
-from outbox.publisher import CONNECTION, NACKED, RETURNED, TIMEOUT
+from outbox.publisher import CONNECTION, NACKED, REFUSED, RETURNED, TIMEOUT, UNSENDABLE
 from outbox.store import SqlStore
 
 log = logging.getLogger(__name__)
 
 PREFIX = "outbox"
-UNROUTABLE_REASON = "unroutable"
+# Why the relay marked a row dead (the ``cause`` label); RelayObserver.event_dead.
+DEAD_CAUSES = ("invalid", RETURNED, UNSENDABLE, REFUSED)
 _BATCH_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_SIZES = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 
@@ -75,7 +76,8 @@ class PrometheusObserver(RelayObserver):
         )
         self.publish_failures = Counter(
             f"{PREFIX}_publish_failures",
-            "Batches cut short, by reason (nacked, unroutable, timeout, connection).",
+            "Messages not confirmed, by reason (nacked, unroutable, timeout, connection, "
+            "refused, unsendable).",
             ["reason"],
             registry=r,
         )
@@ -86,7 +88,7 @@ class PrometheusObserver(RelayObserver):
         )
         self.dead_marked = Counter(
             f"{PREFIX}_events_marked_dead",
-            "Rows this relay marked dead, by cause (invalid, unroutable).",
+            "Rows this relay marked dead, by cause (invalid, unroutable, unsendable, refused).",
             ["cause"],
             registry=r,
         )
@@ -133,9 +135,9 @@ class PrometheusObserver(RelayObserver):
         self.build = Info(f"{PREFIX}_build", "Version of the relay.", registry=r)
         self.build.info({"version": package_version(), "python": platform.python_version()})
         # Pre-create every reason so rate() sees a zero before the first failure.
-        for reason in (NACKED, RETURNED, TIMEOUT, CONNECTION):
+        for reason in (NACKED, RETURNED, TIMEOUT, CONNECTION, REFUSED, UNSENDABLE):
             self.publish_failures.labels(reason=reason)
-        for cause in ("invalid", UNROUTABLE_REASON):
+        for cause in DEAD_CAUSES:
             self.dead_marked.labels(cause=cause)
         self._lock = threading.Lock()
         self._last_sign_of_life = time.monotonic()
@@ -173,10 +175,8 @@ class PrometheusObserver(RelayObserver):
 
     def event_dead(self, ordering_key: str, reason: str) -> None:
         self._alive()
-        if reason == UNROUTABLE_REASON:
-            self.dead_marked.labels(cause=UNROUTABLE_REASON).inc()
-        else:
-            self.dead_marked.labels(cause="invalid").inc()
+        self.dead_marked.labels(cause=reason).inc()
+        if reason == "invalid":
             self.validation_failures.inc()
 
     def partitions_changed(self, owned: Sequence[int], total: int) -> None:

@@ -17,10 +17,12 @@ class RelayObserver:
         """``count`` messages were confirmed and marked delivered."""
 
     def publish_failed(self, kind: str, count: int) -> None:
-        """A batch was cut short; ``kind`` is nacked, unroutable, timeout or connection."""
+        """``count`` messages of a wave were not confirmed; ``kind`` is nacked,
+        unroutable, timeout, connection, refused or unsendable."""
 
     def event_dead(self, ordering_key: str, reason: str) -> None:
-        """A row failed validation and was marked dead; its key is held."""
+        """A row was marked dead and its key is held; ``reason`` is the cause:
+        invalid, unroutable, unsendable (AMQP cannot carry it) or refused (by the broker)."""
 
     def partitions_changed(self, owned: Sequence[int], total: int) -> None:
         """The set of partitions this relay publishes changed."""

@@ -34,22 +34,25 @@ from psycopg.rows import args_row
 
 _COLUMNS = (
     "position, event_id, ordering_key, partition, routing_key, resource_type, "
-    "payload, headers, schema_version, created_at, attempts"
+    "payload, headers::text, schema_version, created_at, attempts"
 )
 _HELD = (
     "NOT EXISTS (SELECT FROM outbox_event AS dead WHERE dead.state = 'dead'"
     " AND dead.ordering_key = e.ordering_key AND dead.position < e.position)"
 )
+# skip_keys: keys the relay holds back itself (no queue bound for their next event).
 FETCH = (
     f"SELECT {_COLUMNS} FROM outbox_event AS e"
     " WHERE e.state = 'pending' AND e.partition = ANY(%(partitions)s::smallint[])"
     " AND e.position <> ALL(%(exclude)s::bigint[])"
+    " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
     f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
 )
 FETCH_OWNED = (
     f"SELECT {_COLUMNS} FROM outbox_event AS e"
     " WHERE e.state = 'pending' AND e.partition = ANY(%(partitions)s::smallint[])"
     " AND e.position <> ALL(%(exclude)s::bigint[])"
+    " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
     # Evaluated once per query (an InitPlan), so the plan above stays the
     # pending-index scan: all requested partitions still leased, or no rows.
     " AND (SELECT array_agg(p.partition) FROM outbox_partition AS p"
@@ -79,10 +82,12 @@ def mark_and_fetch(
     owner: str | None,
     delete_rows: bool,
     prepare: bool = True,
+    skip_keys: Sequence[str] = (),
 ) -> tuple[int, list[Any]]:
     """Mark ``mark`` delivered, then fetch; returns (rows marked, rows fetched).
 
-    ``connection`` is a psycopg connection inside an open transaction.
+    ``connection`` is a psycopg connection inside an open transaction, which
+    is committed in the same round trip (the caller's commit is then a no-op).
     """
 
     marked = 0
@@ -100,12 +105,18 @@ def mark_and_fetch(
             params: dict[str, Any] = {
                 "partitions": list(partitions),
                 "exclude": list(exclude),
+                "skip_keys": list(skip_keys),
                 "limit": limit,
             }
             if owner is not None:
                 params["owner"] = owner
             fetch_cursor.execute(FETCH if owner is None else FETCH_OWNED, params, prepare=prepare)
             fetched = True
+        # No window in which a relay frozen after the round trip sits idle in
+        # the transaction holding the mark's row locks: the server would not
+        # end it, since psycopg closes a pipeline with Sync then Flush, and the
+        # Flush disarms idle_in_transaction_session_timeout (outbox.dbsession).
+        connection.cursor().execute("COMMIT")
     if mark:
         marked = mark_cursor.rowcount
     rows: list[Any] = fetch_cursor.fetchall() if fetched else []

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, event, func, select, text
 from sqlalchemy.orm import Session, SessionTransaction
 
-from outbox import codec, fastcheck, ordering, table, tracing
+from outbox import codec, fastcheck, limits, ordering, table, tracing
 from outbox.envelope import Envelope
-from outbox.errors import SchemaNotMigrated
+from outbox.errors import SchemaNotMigrated, UnsendableEventError
 
 if TYPE_CHECKING:
     from outbox.registry import SchemaRegistry
@@ -49,12 +49,15 @@ class ProducerOptions:
     records the version it was validated against. ``strict``: refuse a URI the
     registry does not know (default: accept it, logged once per URI).
     ``validate``: turn content validation off for this service.
+    ``max_payload_bytes``: refuse a larger event at ``publish`` (UTF-8 bytes of
+    the stored envelope); keep it at or below the relay's ``--max-payload-bytes``.
     """
 
     notify: bool = True
     schemas: SchemaRegistry | None = None
     strict: bool = False
     validate: bool = True
+    max_payload_bytes: int = limits.DEFAULT_MAX_PAYLOAD_BYTES
 
 
 DEFAULT_OPTIONS = ProducerOptions()
@@ -85,7 +88,8 @@ def prepare_row(
     """Validate an envelope and turn it into an outbox row (no I/O but a registry reload).
 
     Raises :class:`~outbox.errors.EnvelopeError` (or its subclasses
-    ``ContentEncodingError``, ``ContentValidationError``) before anything is written.
+    ``ContentEncodingError``, ``ContentValidationError``, ``UnsendableEventError``
+    for what no broker would take) before anything is written.
     """
     data = envelope.to_dict()
     fastcheck.check_envelope(data)  # jsonschema's rules, without its cost per event
@@ -105,15 +109,41 @@ def prepare_row(
     reference = envelope.reference
     if reference is not None:
         extra.setdefault("outbox-resource-version", str(reference.version))
+    routing_key = routing_key or f"{resource_type}.{envelope.action.value}"
+    payload = codec.dumps(data)
+    _check_sendable(key, routing_key, resource_type, envelope.schema, extra, payload, options)
     return {
         "event_id": uuid.uuid4(),
         "ordering_key": key,
-        "routing_key": routing_key or f"{resource_type}.{envelope.action.value}",
+        "routing_key": routing_key,
         "resource_type": resource_type,
-        "payload": codec.dumps(data),
+        "payload": payload,
         "headers": extra or None,
         "schema_version": schema_version,
     }
+
+
+def _check_sendable(
+    key: str,
+    routing_key: str,
+    resource_type: str,
+    schema: str,
+    headers: Mapping[str, Any],
+    payload: str,
+    options: ProducerOptions,
+) -> None:
+    """Refuse now what the relay could never send (see :mod:`outbox.limits`)."""
+    if not isinstance(key, str) or not key:
+        raise UnsendableEventError("the ordering key must be a non-empty string")
+    limits.check_short_string("the routing key", routing_key)
+    if not isinstance(resource_type, str) or not resource_type:
+        raise UnsendableEventError("the resource type must be a non-empty string")
+    # The relay sends the key, the schema URI and the type twice each (outbox- and ce- headers).
+    repeated = 2 * sum(map(limits.utf8_length, (key, schema, resource_type)))
+    limits.check_headers(headers, repeated=repeated)
+    # A character takes at most 4 bytes: count exactly only near the limit.
+    if len(payload) * 4 > options.max_payload_bytes:
+        limits.check_payload_size(limits.utf8_length(payload), options.max_payload_bytes)
 
 
 def publish(

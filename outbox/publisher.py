@@ -25,12 +25,18 @@ from typing import Any, Protocol
 
 import amqp
 import kombu
+import kombu.exceptions
 from kombu import Exchange
 
 from outbox.amqpframes import PublishEncoder, write_batch
-from outbox.database import redact
-from outbox.errors import BrokerUnavailable, ConfigurationError, PublishError
+from outbox.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    PublishError,
+    UnsendableEventError,
+)
 from outbox.message import OutgoingMessage
+from outbox.redaction import describe_url, redact, redact_error, register_secrets_in
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +45,14 @@ NACKED = "nacked"
 RETURNED = "unroutable"
 TIMEOUT = "timeout"
 CONNECTION = "connection"
+# The broker closed the channel over a message it will never take (406).
+REFUSED = "refused"
+# The message cannot be encoded for this connection (never sent).
+UNSENDABLE = "unsendable"
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
+    kombu.exceptions.OperationalError,
     socket.timeout,
     amqp.exceptions.ConnectionError,
     amqp.exceptions.ChannelError,
@@ -51,25 +62,51 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 @dataclass(kw_only=True, slots=True)
 class PublishResult:
-    """How a sent batch fared: the first ``confirmed`` messages were confirmed.
+    """How a sent batch fared.
 
-    When ``confirmed`` is less than the batch size, ``failure`` says why the
-    next message was not (one of the kinds above) and ``detail`` explains.
+    ``acked`` holds the index of every message the broker confirmed, wherever
+    it sits in the batch; ``failures`` maps every other index to its failure
+    kind (one of the kinds above) and an explanation. ``confirmed`` is the
+    length of the confirmed prefix, and ``failure``/``detail`` describe the
+    first message after it.
     """
 
     confirmed: int
     failure: str | None = None
     detail: str = ""
+    acked: frozenset[int] = frozenset()
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, size: int, failures: dict[int, tuple[str, str]]) -> PublishResult:
+        """The result for ``size`` messages of which those in ``failures`` failed."""
+        acked = frozenset(i for i in range(size) if i not in failures)
+        if not failures:
+            return cls(confirmed=size, acked=acked)
+        first = min(failures)
+        kind, detail = failures[first]
+        return cls(confirmed=first, failure=kind, detail=detail, acked=acked, failures=failures)
 
 
 class Publisher(Protocol):
-    """The broker seam. ``send`` writes, ``wait`` collects confirmations."""
+    """The broker seam: everything the relay calls.
+
+    ``prepare`` runs on the relay's database thread ahead of ``send``: it
+    encodes what it can and names the messages that can never be sent (by
+    position, with the reason). ``send`` writes; ``wait`` collects the broker's
+    verdicts. ``keepalive`` is called between polls, never with a batch in
+    flight.
+    """
 
     def connect(self) -> None: ...
+
+    def prepare(self, messages: Sequence[OutgoingMessage]) -> dict[int, str]: ...
 
     def send(self, messages: Sequence[OutgoingMessage]) -> None: ...
 
     def wait(self, timeout: float) -> PublishResult: ...
+
+    def keepalive(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -77,12 +114,37 @@ class Publisher(Protocol):
     def connected(self) -> bool: ...
 
 
-def open_publisher(url: str, exchange: str, **options: Any) -> Publisher:
-    """A publisher for ``url``: pipelined confirms for AMQP, plain kombu otherwise."""
+# Transports whose messages never leave the relay's process: a relay marking
+# rows delivered to them would lose every event.
+IN_PROCESS_TRANSPORTS = frozenset(("memory",))
+
+# py-amqp enables TCP keepalive; these probe sooner than its defaults (60 s idle,
+# 9 probes 10 s apart), so a broker cut off by the network is noticed in about
+# 25 s even on a connection with nothing to send.
+_SOCKET_SETTINGS = {socket.TCP_KEEPIDLE: 10, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCNT: 3}
+
+
+def open_publisher(
+    url: str, exchange: str, *, allow_in_process: bool = False, **options: Any
+) -> Publisher:
+    """A publisher for ``url``: pipelined confirms for AMQP, plain kombu otherwise.
+
+    A transport that cannot deliver outside this process (``memory://``) is
+    refused unless ``allow_in_process`` (tests of code that only needs a sink).
+    """
+    register_secrets_in(url)  # hidden in every error, also for callers that did not resolve
     try:
         transport = kombu.Connection(url).transport_cls
     except Exception as exc:  # kombu raises KeyError/ImportError/ValueError for bad URLs
-        raise ConfigurationError(f"bad broker URL {redact(url)!r}: {exc}") from None
+        raise ConfigurationError(
+            f"bad broker URL {describe_url(url)!r}: {redact_error(str(exc), url)}"
+        ) from None
+    if transport in IN_PROCESS_TRANSPORTS and not allow_in_process:
+        raise ConfigurationError(
+            f"broker URL {redact(url)!r} uses kombu's in-process {transport!r} transport: "
+            "messages would never leave the relay, yet their rows would be marked "
+            "delivered; use amqp:// (RabbitMQ) or another transport in docs/guarantees.md"
+        )
     if transport in ("amqp", "amqps", "pyamqp"):
         return AmqpPublisher(url, exchange, **options)
     return KombuPublisher(url, exchange, **options)
@@ -116,6 +178,8 @@ def tls_options(
 @dataclass(eq=False)
 class _InFlight:
     messages: Sequence[OutgoingMessage]
+    # The delivery tag of each message; None for one that was not sent (unsendable).
+    tags: list[int | None]
     first_tag: int
     # Every tag up to resolved_upto got an ack or a nack; single confirms above
     # it wait in `singles` until the gap below them closes.
@@ -123,7 +187,23 @@ class _InFlight:
     singles: set[int] = field(default_factory=set)
     nacked_tags: set[int] = field(default_factory=set)
     returned_ids: dict[str, str] = field(default_factory=dict)
+    unsendable: dict[int, str] = field(default_factory=dict)
     broken: str = ""
+    refused: bool = False  # the broker closed the channel over a message (406)
+
+    @property
+    def last_tag(self) -> int:
+        sent = [t for t in self.tags if t is not None]
+        return sent[-1] if sent else self.first_tag - 1
+
+    def is_resolved(self, tag: int) -> bool:
+        return tag <= self.resolved_upto or tag in self.singles
+
+
+# frame_max as RabbitMQ offers it: frames encoded before a connection exists are
+# encoded for it, and reused when the connection agrees (almost always).
+_PROVISIONAL_FRAME_MAX = 131072
+_AHEAD_LIMIT = 20_000
 
 
 class AmqpPublisher:
@@ -150,7 +230,11 @@ class AmqpPublisher:
         self._next_tag = 1
         self._inflight: _InFlight | None = None
         self._encoder: PublishEncoder | None = None
-        self._ahead: tuple[PublishEncoder, Sequence[OutgoingMessage], list[bytes]] | None = None
+        self._provisional = PublishEncoder(
+            channel_id=1, exchange=exchange, frame_max=_PROVISIONAL_FRAME_MAX
+        )
+        # position -> (message, encoder it was encoded for, frames), filled by prepare.
+        self._ahead: dict[int, tuple[OutgoingMessage, tuple[int, int], bytes]] = {}
 
     @property
     def connected(self) -> bool:
@@ -160,10 +244,16 @@ class AmqpPublisher:
         if self._channel is not None:
             return
         connection = kombu.Connection(
-            self.url, connect_timeout=self.connect_timeout, heartbeat=self.heartbeat, ssl=self.ssl
+            self.url,
+            connect_timeout=self.connect_timeout,
+            heartbeat=self.heartbeat,
+            ssl=self.ssl,
+            transport_options={"socket_settings": _SOCKET_SETTINGS},
         )
         try:
-            connection.connect()
+            # One attempt: kombu's connect() retries once after 2 s, a hidden
+            # delay the relay's own backoff already provides.
+            connection.ensure_connection(max_retries=0)
             channel = connection.channel()
             if self.declare_exchange:
                 channel.exchange_declare(self.exchange, "topic", durable=True, auto_delete=False)
@@ -188,9 +278,10 @@ class AmqpPublisher:
         if connection is not None:
             _close_quietly(connection)
 
-    def _drop(self, reason: str) -> None:
+    def _drop(self, reason: str, *, refused: bool = False) -> None:
         if self._inflight is not None:
             self._inflight.broken = reason
+            self._inflight.refused = refused
         self.close()
 
     # Confirm callbacks run inside drain_events. The broker may confirm
@@ -234,23 +325,39 @@ class AmqpPublisher:
             log.debug("broker connection lost while idle: %s", exc)
             self.close()
 
-    def encode_ahead(self, messages: Sequence[OutgoingMessage]) -> None:
-        """Encode the next batch's frames now, so ``send`` only writes them.
+    def prepare(self, messages: Sequence[OutgoingMessage]) -> dict[int, str]:
+        """Encode the messages' frames now, so ``send`` only writes them.
 
-        The relay calls it from its database thread while this publisher waits
-        for the previous batch's confirms. Used by ``send`` only for this very
-        batch on the same connection; otherwise ``send`` encodes again.
+        The relay calls it from its database thread while this publisher
+        waits for the previous batch's confirms. Returns the positions of the
+        messages AMQP cannot carry, with the reason; they are never sent.
         """
-        encoder = self._encoder
-        if encoder is not None:
-            self._ahead = (encoder, messages, [encoder.encode(m) for m in messages])
+        encoder = self._encoder or self._provisional
+        shape = _shape(encoder)
+        unsendable: dict[int, str] = {}
+        if len(self._ahead) > _AHEAD_LIMIT:  # messages the relay dropped unsent
+            self._ahead.clear()
+        for message in messages:
+            try:
+                frames = encoder.encode(message)
+            except UnsendableEventError as exc:
+                unsendable[message.position] = str(exc)
+                continue
+            self._ahead[message.position] = (message, shape, frames)
+        return unsendable
+
+    def _frames(self, encoder: PublishEncoder, message: OutgoingMessage) -> bytes:
+        ahead = self._ahead.pop(message.position, None)
+        if ahead is not None and ahead[0] is message and ahead[1] == _shape(encoder):
+            return ahead[2]
+        return encoder.encode(message)
 
     def send(self, messages: Sequence[OutgoingMessage]) -> None:
         self.connect()
         channel = self._channel
         assert channel is not None
         batch = _InFlight(
-            messages=messages, first_tag=self._next_tag, resolved_upto=self._next_tag - 1
+            messages=messages, tags=[], first_tag=self._next_tag, resolved_upto=self._next_tag - 1
         )
         self._inflight = batch
         # One channel's frames, encoded by us and written in a few large writes
@@ -258,15 +365,19 @@ class AmqpPublisher:
         amqp_connection = self._connection.connection if self._connection else None
         encoder = self._encoder
         assert amqp_connection is not None and encoder is not None
-        ahead, self._ahead = self._ahead, None
+        frames: list[bytes] = []
+        for index, message in enumerate(messages):
+            try:
+                frames.append(self._frames(encoder, message))
+            except UnsendableEventError as exc:  # a smaller frame_max than prepare assumed
+                batch.unsendable[index] = str(exc)
+                batch.tags.append(None)
+                continue
+            batch.tags.append(self._next_tag)
+            self._next_tag += 1
         try:
-            if ahead is not None and ahead[0] is encoder and ahead[1] is messages:
-                frames = ahead[2]
-            else:
-                frames = [encoder.encode(message) for message in messages]
             write_batch(amqp_connection._transport.write, frames)
             amqp_connection.bytes_sent += len(frames)  # read by py-amqp's heartbeat check
-            self._next_tag += len(messages)
         except _CONNECTION_ERRORS as exc:
             self._drop(f"connection lost while publishing: {exc}")
 
@@ -274,7 +385,7 @@ class AmqpPublisher:
         batch = self._inflight
         if batch is None:
             return PublishResult(confirmed=0)
-        last_tag = batch.first_tag + len(batch.messages) - 1
+        last_tag = batch.last_tag
         deadline = time.monotonic() + timeout
         while not batch.broken and batch.resolved_upto < last_tag:
             remaining = deadline - time.monotonic()
@@ -285,35 +396,39 @@ class AmqpPublisher:
                 self._connection.drain_events(timeout=min(remaining, 1.0))
             except TimeoutError:
                 continue
+            except amqp.exceptions.PreconditionFailed as exc:
+                # The broker closed the channel over one of these messages
+                # (RabbitMQ: a body above its max_message_size).
+                self._drop(f"the broker refused a message: {exc}", refused=True)
             except _CONNECTION_ERRORS as exc:
                 self._drop(f"connection lost while waiting for confirms: {exc}")
         self._inflight = None
         return self._result(batch)
 
     def _result(self, batch: _InFlight) -> PublishResult:
+        failures: dict[int, tuple[str, str]] = {}
+        timed_out = False
         for index, message in enumerate(batch.messages):
-            tag = batch.first_tag + index
-            if tag in batch.nacked_tags:
-                return PublishResult(
-                    confirmed=index, failure=NACKED, detail="the broker nacked the message"
-                )
-            returned = batch.returned_ids.get(message.message_id)
-            if returned is not None:
-                return PublishResult(
-                    confirmed=index,
-                    failure=RETURNED,
-                    detail=f"no queue is bound for routing key {returned}",
-                )
-            if tag > batch.resolved_upto and tag not in batch.singles:
+            tag = batch.tags[index]
+            if tag is None:
+                failures[index] = (UNSENDABLE, batch.unsendable[index])
+            elif tag in batch.nacked_tags:
+                failures[index] = (NACKED, "the broker nacked the message")
+            elif message.message_id in batch.returned_ids:
+                returned = batch.returned_ids[message.message_id]
+                failures[index] = (RETURNED, f"no queue is bound for routing key {returned}")
+            elif not batch.is_resolved(tag):
                 if batch.broken:
-                    return PublishResult(confirmed=index, failure=CONNECTION, detail=batch.broken)
-                # Unconfirmed after the timeout: the channel's tag sequence can
-                # no longer be trusted, so start over on a fresh connection.
-                self.close()
-                return PublishResult(
-                    confirmed=index, failure=TIMEOUT, detail="no confirm before the timeout"
-                )
-        return PublishResult(confirmed=len(batch.messages))
+                    kind = REFUSED if batch.refused else CONNECTION
+                    failures[index] = (kind, batch.broken)
+                else:
+                    failures[index] = (TIMEOUT, "no confirm before the timeout")
+                    timed_out = True
+        if timed_out:
+            # Unconfirmed after the timeout: the channel's tag sequence can no
+            # longer be trusted, so start over on a fresh connection.
+            self.close()
+        return PublishResult.of(len(batch.messages), failures)
 
 
 class KombuPublisher:
@@ -346,7 +461,7 @@ class KombuPublisher:
             return
         try:
             connection = kombu.Connection(self.url, transport_options=self.transport_options)
-            connection.connect()
+            connection.ensure_connection(max_retries=0)
             channel = connection.channel()
             if self.declare_exchange:
                 self.exchange(channel).declare()
@@ -362,6 +477,14 @@ class KombuPublisher:
         connection, self._connection, self._producer = self._connection, None, None
         if connection is not None:
             _close_quietly(connection)
+
+    def prepare(self, messages: Sequence[OutgoingMessage]) -> dict[int, str]:
+        # kombu serialises headers itself (JSON for most transports): nothing to
+        # encode ahead, and no AMQP limits to check.
+        return {}
+
+    def keepalive(self) -> None:
+        """Nothing to do: kombu's virtual transports keep no heartbeats."""
 
     def send(self, messages: Sequence[OutgoingMessage]) -> None:
         self.connect()
@@ -384,15 +507,19 @@ class KombuPublisher:
                 )
             except Exception as exc:
                 self.close()
-                self._result = PublishResult(
-                    confirmed=index, failure=CONNECTION, detail=redact(str(exc))
-                )
+                detail = redact(str(exc))
+                failures = dict.fromkeys(range(index, len(messages)), (CONNECTION, detail))
+                self._result = PublishResult.of(len(messages), failures)
                 return
-        self._result = PublishResult(confirmed=len(messages))
+        self._result = PublishResult.of(len(messages), {})
 
     def wait(self, timeout: float) -> PublishResult:
         result, self._result = self._result, PublishResult(confirmed=0)
         return result
+
+
+def _shape(encoder: PublishEncoder) -> tuple[int, int]:
+    return (encoder.channel_id, encoder.body_chunk)
 
 
 def _resolve(batch: _InFlight, delivery_tag: int, multiple: bool) -> None:
@@ -422,8 +549,10 @@ def _close_quietly(connection: kombu.Connection) -> None:
 __all__ = [
     "CONNECTION",
     "NACKED",
+    "REFUSED",
     "RETURNED",
     "TIMEOUT",
+    "UNSENDABLE",
     "AmqpPublisher",
     "KombuPublisher",
     "PublishError",

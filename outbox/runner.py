@@ -10,7 +10,9 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from outbox import limits
 from outbox.database import create_outbox_engine, normalize_url
+from outbox.dbsession import relay_connect_args
 from outbox.errors import OutboxError
 from outbox.logs import emit
 from outbox.operations import start_operations
@@ -32,6 +34,7 @@ def relay_settings(values: dict[str, Any]) -> RelaySettings:
         confirm_timeout=values["confirm_timeout"],
         unroutable=values["unroutable"],
         source=values["source"],
+        max_payload_bytes=values.get("max_payload_bytes", limits.DEFAULT_MAX_PAYLOAD_BYTES),
         # A retention of 0 deletes rows on delivery (issue 6; the demo keeps them).
         delete_on_delivery="retention" in values and retention_seconds(values) == 0,
     )
@@ -50,21 +53,32 @@ def broker_tls(values: dict[str, Any]) -> dict[str, Any] | None:
 def build_relay(values: dict[str, Any], wakeup: Wakeup | None = None) -> Relay:
     for name in ("database_url", "broker_url"):
         require(values, name)
-    prepared = values.get("prepared_statements", True)
-    # psycopg also prepares any query it sees 5 times; off means never.
-    extra: dict[str, Any] = {} if prepared else {"connect_args": {"prepare_threshold": None}}
-    engine = create_outbox_engine(values["database_url"], pool_size=2, max_overflow=2, **extra)
-    store = SqlStore(engine)
-    store.prepared_statements = prepared
-    store.partition_count()  # fails fast, with a clear message, when unmigrated or unreachable
+    # The broker URL first: it needs no I/O, and a refused transport then
+    # leaves no database connection behind.
     publisher = open_publisher(values["broker_url"], values["exchange"], ssl=broker_tls(values))
-    hooks = relay_hooks(
-        engine,
-        validate=values.get("validate_content", True),
-        strict=values.get("strict_schemas", False),
-        body_format=values.get("body_format", "json"),
-    )
-    return Relay(store, publisher, relay_settings(values), wakeup=wakeup, **hooks)
+    prepared = values.get("prepared_statements", True)
+    url = normalize_url(values["database_url"])
+    # Bounded lock waits and idle transactions, keepalives (outbox.dbsession).
+    connect_args = relay_connect_args(url, values["lease_ttl"])
+    if not prepared:
+        # psycopg also prepares any query it sees 5 times; off means never.
+        connect_args["prepare_threshold"] = None
+    extra: dict[str, Any] = {"connect_args": connect_args} if connect_args else {}
+    engine = create_outbox_engine(url, pool_size=2, max_overflow=2, **extra)
+    try:
+        store = SqlStore(engine)
+        store.prepared_statements = prepared
+        store.partition_count()  # fails fast, with a clear message, when unmigrated or unreachable
+        hooks = relay_hooks(
+            engine,
+            validate=values.get("validate_content", True),
+            strict=values.get("strict_schemas", False),
+            body_format=values.get("body_format", "json"),
+        )
+        return Relay(store, publisher, relay_settings(values), wakeup=wakeup, **hooks)
+    except BaseException:
+        engine.dispose()
+        raise
 
 
 def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
@@ -75,7 +89,9 @@ def run_relay(values: dict[str, Any], stop: threading.Event) -> None:
     if values["listen"] and url.get_backend_name() == "postgresql":
         from outbox.listener import NotifyListener
 
-        listener = NotifyListener(url, wakeup)
+        listener = NotifyListener(
+            url, wakeup, connect_args=relay_connect_args(url, values["lease_ttl"])
+        )
         listener.start()
     scheduler = BackgroundScheduler(daemon=True)
     scheduler.add_job(

@@ -148,6 +148,15 @@ SETTINGS: tuple[Setting, ...] = (
         commands=RELAY,
     ),
     Setting(
+        name="max_payload_bytes",
+        help="largest message body the relay sends (bytes); a larger row is marked dead "
+        "and holds its key. Keep it below the broker's own limit (RabbitMQ: "
+        "max_message_size) and at or above the producers' ProducerOptions.max_payload_bytes",
+        default=1024 * 1024,
+        parse=positive_int,
+        commands=RELAY,
+    ),
+    Setting(
         name="listen",
         help="wake up on PostgreSQL NOTIFY (needs a session connection, not a "
         "transaction-mode pooler)",

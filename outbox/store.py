@@ -24,6 +24,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Text,
     and_,
     bindparam,
     case,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy import all_ as sql_all
@@ -41,8 +43,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError, ProgrammingError
 
 from outbox import pgfast, table
-from outbox.database import redact
 from outbox.errors import SchemaNotMigrated, StoreError, StoreUnavailable
+from outbox.redaction import redact
 
 T = TypeVar("T")
 E = table.event
@@ -65,7 +67,9 @@ class EventRow(NamedTuple):
     routing_key: str
     resource_type: str
     payload: str
-    headers: dict[str, str] | None
+    # The stored JSON text, parsed per row by the relay: a hostile document
+    # (nested beyond the parser's depth) then fails that row, not the fetch.
+    headers: str | None
     schema_version: int | None
     created_at: dt.datetime
     attempts: int
@@ -90,7 +94,7 @@ _EVENT_COLUMNS = (
     E.c.routing_key,
     E.c.resource_type,
     E.c.payload,
-    E.c.headers,
+    type_coerce(E.c.headers, Text()).label("headers"),
     E.c.schema_version,
     E.c.created_at,
     E.c.attempts,
@@ -123,7 +127,15 @@ class SqlStore:
                 raise SchemaNotMigrated(
                     f"the outbox tables do not exist ({first_line}): run `outbox migrate`"
                 ) from None
-            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            # The session limits (outbox.dbsession): lock_not_available,
+            # query_canceled, idle_in_transaction_session_timeout (its session
+            # is gone: SQLAlchemy invalidated the pooled connection).
+            sqlstate = getattr(exc.orig, "sqlstate", None)
+            if (
+                isinstance(exc, OperationalError)
+                or exc.connection_invalidated
+                or sqlstate in ("55P03", "57014", "25P03")
+            ):
                 raise StoreUnavailable(f"database unavailable: {first_line}") from exc
             raise StoreError(f"database error: {first_line}") from exc
 
@@ -141,15 +153,20 @@ class SqlStore:
     # -- relay: fetch and transitions -----------------------------------------
 
     def fetch_pending(
-        self, partitions: Sequence[int], limit: int, exclude: Collection[int] = ()
+        self,
+        partitions: Sequence[int],
+        limit: int,
+        exclude: Collection[int] = (),
+        skip_keys: Collection[str] = (),
     ) -> list[EventRow]:
         """Pending rows of ``partitions`` in position order, skipping held keys.
 
         ``exclude`` names positions already published and awaiting their mark;
         they are skipped exactly (never by range), so that a row that committed
-        late below them is still picked up in order.
+        late below them is still picked up in order. Rows of ``skip_keys`` are
+        left for later.
         """
-        if not partitions:
+        if not partitions or limit <= 0:
             return []
         dead = E.alias("dead")
         query = (
@@ -175,6 +192,8 @@ class SqlStore:
                 params["exclude"] = list(exclude)
             else:
                 query = query.where(E.c.position.not_in(list(exclude)))
+        if skip_keys:
+            query = query.where(E.c.ordering_key.not_in(list(skip_keys)))
 
         def work(connection: Connection) -> list[EventRow]:
             return [EventRow(**row._mapping) for row in connection.execute(query, params)]
@@ -211,6 +230,7 @@ class SqlStore:
         *,
         owner: str | None = None,
         delete_rows: bool = False,
+        skip_keys: Collection[str] = (),
     ) -> list[EventRow]:
         """Mark ``mark`` delivered, then fetch like :meth:`fetch_pending`, in one transaction.
 
@@ -222,7 +242,7 @@ class SqlStore:
             self.mark_delivered(mark, delete_rows=delete_rows)
             if owner is not None:
                 partitions = self._owned(owner, partitions)
-            return self.fetch_pending(partitions, limit, exclude)
+            return self.fetch_pending(partitions, limit, exclude, skip_keys)
 
         def work(connection: Connection) -> list[EventRow]:
             raw = connection.connection.driver_connection
@@ -238,6 +258,7 @@ class SqlStore:
                     owner=owner,
                     delete_rows=delete_rows,
                     prepare=self.prepared_statements,
+                    skip_keys=list(skip_keys),
                 )
             except psycopg.Error as exc:
                 # Into SQLAlchemy's hierarchy, which _translate_errors maps to ours.

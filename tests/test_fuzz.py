@@ -193,7 +193,7 @@ def relay_engine(tmp_path: Path) -> Iterator[Engine]:
 
 def test_relay_delivers_or_marks_dead_any_row_payload(relay_engine: Engine) -> None:
     store = SqlStore(relay_engine)
-    publisher = open_publisher("memory://", f"fuzz-{uuid.uuid4().hex[:8]}")
+    publisher = open_publisher("memory://", f"fuzz-{uuid.uuid4().hex[:8]}", allow_in_process=True)
     relay = Relay(store, publisher, RelaySettings(batch_size=10, lease_ttl=30))
     outcomes: Counter[str] = Counter()
 

@@ -219,6 +219,10 @@ class Producers:
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
+    def stop(self) -> None:
+        """Commit no more transactions (those under way finish)."""
+        self.target = 0
+
 
 # -- faults -------------------------------------------------------------------
 
@@ -249,18 +253,21 @@ def terminate_relay_backends(database_url: str, database: str, *, timeout: float
     return len(targets)
 
 
-def broker_connection_names(pid: int) -> list[str]:
-    """RabbitMQ's names ("local -> 127.0.0.1:5672") of the AMQP connections of process ``pid``."""
+def established_sockets(pid: int, port: int) -> list[str]:
+    """``ss`` lines of process ``pid``'s established TCP connections to ``port``."""
     out = subprocess.run(
-        ["ss", "-Htnp", "state", "established", "( dport = :5672 )"],
+        ["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    return [line for line in out.splitlines() if f"pid={pid}," in line]
+
+
+def broker_connection_names(pid: int) -> list[str]:
+    """RabbitMQ's names ("local -> 127.0.0.1:5672") of the AMQP connections of process ``pid``."""
     names = []
-    for line in out.splitlines():
-        if f"pid={pid}," not in line:
-            continue
+    for line in established_sockets(pid, 5672):
         parts = line.split()
         local, peer = parts[2], parts[3]
         names.append(f"{local} -> {peer}")
@@ -291,6 +298,64 @@ def close_broker_connections(pid: int) -> int:
             )
             closed += result.returncode == 0
     return closed
+
+
+def database_ports(pid: int) -> list[int]:
+    """Local ports of process ``pid``'s PostgreSQL connections (``client_port`` of its backends)."""
+    return [int(line.split()[2].rsplit(":", 1)[1]) for line in established_sockets(pid, 5432)]
+
+
+# A backend of the relay idle inside a transaction that wrote rows (it holds row locks).
+_IDLE_WRITER = (
+    "SELECT pid, clock_timestamp(), left(query, 60) FROM pg_stat_activity"
+    " WHERE application_name = %s AND client_port = ANY(%s)"
+    " AND state IN ('idle in transaction', 'idle in transaction (aborted)')"
+    " AND backend_xid IS NOT NULL"
+)
+
+
+@dataclass(frozen=True)
+class Freeze:
+    backend: int  # the frozen relay's backend idle in its transaction
+    at: Any  # the database's clock when it was seen frozen so (datetime)
+    attempts: int  # SIGSTOPs needed to land in that state
+    last_statement: str  # the frozen transaction's last statement
+
+
+def freeze_in_transaction(
+    relay: RelayProcess, database_url: str, *, timeout: float = 20.0
+) -> Freeze | None:
+    """SIGSTOP ``relay`` while one of its backends is idle in a transaction holding row locks.
+
+    Watches pg_stat_activity for such a backend of the relay's connections,
+    stops the process at once, and checks, once a statement already sent had
+    time to finish, that a backend is still in that state; otherwise it lets
+    the relay go on (SIGCONT) and tries again, until ``timeout``. Returns None
+    when it never landed; the relay is then running.
+    """
+    process = relay.process
+    assert process is not None
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    with psycopg.connect(libpq(database_url), autocommit=True) as conn:
+        ports: list[int] = []
+        polls = 0
+        while time.monotonic() < deadline:
+            if polls % 200 == 0:  # the pool opens a connection now and then
+                ports = database_ports(relay.pid)
+            polls += 1
+            if conn.execute(_IDLE_WRITER, (APP_NAME, ports)).fetchone() is None:
+                continue
+            process.send_signal(signal.SIGSTOP)
+            attempts += 1
+            time.sleep(0.02)
+            row = conn.execute(_IDLE_WRITER, (APP_NAME, ports)).fetchone()
+            if row is not None:
+                return Freeze(
+                    backend=int(row[0]), at=row[1], attempts=attempts, last_statement=str(row[2])
+                )
+            process.send_signal(signal.SIGCONT)
+    return None
 
 
 def restart_broker(down_seconds: float) -> None:

@@ -12,20 +12,25 @@ in the terminal summary.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
+import signal
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import kombu
+import psycopg
 import pytest
 from sqlalchemy import Engine
 
 from outbox.database import create_outbox_engine
+from outbox.dbsession import session_limits
 from tests.conftest import pg_url
 from tests.faults import harness
 from tests.faults.conftest import SUMMARY
@@ -264,3 +269,126 @@ def test_long_open_producer_transaction(
 
     report = scenario("producer transaction held open 3 s", chaos, replicas=1)
     assert report.faults_injected >= 1
+
+
+def test_relay_frozen_in_a_transaction(
+    pg_database: str,
+    engine: Engine,
+    amqp_url: str,
+    exchange_name: str,
+    bound_queue: kombu.Queue,
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP a relay idle inside a transaction holding row locks: the other one takes over.
+
+    The server ends the frozen session (idle_in_transaction_session_timeout),
+    so its locks are gone before its leases expire, and the survivor neither
+    waits on them for its own partitions nor for the ones it takes over.
+    """
+    if shutil.which("ss") is None and not os.environ.get("CI"):
+        pytest.skip("needs ss on this host")
+    url = pg_url(pg_database)
+    ttl = 2.0  # OUTBOX_LEASE_TTL of harness.RelayProcess
+    idle = session_limits(ttl)["idle_in_transaction_session_timeout"] / 1000
+    # Leases expire, the survivor's next rebalance claims them; the server has
+    # ended the frozen session by then; a second for a loaded test host.
+    bound = ttl + ttl / 5 + idle + 1.0
+    frozen_for = 3 * ttl
+    keys = harness.keys_for_run()
+    harness.create_resources(engine, keys)
+    victim, survivor = (
+        harness.RelayProcess(
+            name, database_url=url, amqp_url=amqp_url, exchange=exchange_name, log_dir=tmp_path
+        )
+        for name in ("relay0", "relay1")
+    )
+    producers = harness.Producers(engine, keys, target=10**9, seed=17)
+    freeze: harness.Freeze | None = None
+    owners_over_time: list[tuple[float, dict[str, int]]] = []
+    try:
+        producers.start()
+        victim.start()
+        survivor.start()
+        harness.wait_until(lambda: len(_live_owners(url)) == 2, 30, "both relays to own partitions")
+        assert harness.wait_publishing(url, more_than=300)
+        freeze = harness.freeze_in_transaction(victim, url, timeout=20)
+        assert freeze is not None, "never caught the relay idle in a transaction"
+        frozen_at = time.monotonic()
+        victim_partitions = _partitions_of(url, victim.pid)
+        assert victim_partitions, "the frozen relay owned no partition"
+        while time.monotonic() < frozen_at + frozen_for:
+            owners_over_time.append((time.monotonic() - frozen_at, _live_owners(url)))
+            time.sleep(0.1)
+        thaw_at = _db_now(url)
+        os.kill(victim.pid, signal.SIGCONT)
+        producers.stop()
+        producers.join()
+        harness.wait_until(lambda: harness.pending_count(url) == 0, 60, "the relays to drain")
+    finally:
+        if freeze is not None and victim.alive():
+            os.kill(victim.pid, signal.SIGCONT)
+        producers.stop()
+        victim.stop()
+        survivor.stop()
+
+    survivor_id = f":{survivor.pid}:"
+    took_all = next(
+        (at for at, owners in owners_over_time if sum(owners.values()) == 16 and len(owners) == 1),
+        None,
+    )
+    assert took_all is not None and all(survivor_id in o for o in owners_over_time[-1][1])
+    deliveries = _deliveries(url, freeze.at, thaw_at)
+    takeover = next(
+        ((at - freeze.at).total_seconds() for at, p in deliveries if p in victim_partitions), None
+    )
+    moments = [freeze.at, *(at for at, _ in deliveries), thaw_at]
+    gap = max((b - a).total_seconds() for a, b in itertools.pairwise(moments))
+    shown = "never" if takeover is None else f"{takeover:.2f}s"
+    line = (
+        f"frozen relay: {freeze.attempts} SIGSTOPs to land idle in a transaction; survivor"
+        f" leased all partitions after {took_all:.2f}s, delivered the frozen relay's after"
+        f" {shown}; longest gap in deliveries {gap:.2f}s (bound {bound:.2f}s)"
+    )
+    print(f"{line}; frozen after {freeze.last_statement!r}")
+    SUMMARY.append(line)
+    assert takeover is not None and takeover <= bound, line
+    assert gap <= bound, line
+
+    arrivals = harness.consume_all(amqp_url, bound_queue.name)
+    report = harness.check(producers.ledger, arrivals, fault="SIGSTOP in a transaction", injected=1)
+    SUMMARY.append(report.line())
+
+
+def _db_now(url: str) -> Any:
+    with psycopg.connect(harness.libpq(url), autocommit=True) as conn:
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return row[0]
+
+
+def _live_owners(url: str) -> dict[str, int]:
+    with psycopg.connect(harness.libpq(url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT owner, count(*) FROM outbox_partition"
+            " WHERE owner IS NOT NULL AND lease_expires_at > now() GROUP BY owner"
+        ).fetchall()
+    return {str(owner): int(count) for owner, count in rows}
+
+
+def _partitions_of(url: str, pid: int) -> set[int]:
+    with psycopg.connect(harness.libpq(url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT partition FROM outbox_partition WHERE owner LIKE %s", (f"%:{pid}:%",)
+        ).fetchall()
+    return {int(p) for (p,) in rows}
+
+
+def _deliveries(url: str, since: Any, until: Any) -> list[tuple[Any, int]]:
+    """(delivered_at, partition) of the rows delivered between ``since`` and ``until``."""
+    with psycopg.connect(harness.libpq(url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT delivered_at, partition FROM outbox_event WHERE state = 'delivered'"
+            " AND delivered_at > %s AND delivered_at <= %s ORDER BY delivered_at",
+            (since, until),
+        ).fetchall()
+    return [(at, int(p)) for at, p in rows]
