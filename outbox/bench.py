@@ -36,10 +36,11 @@ from sqlalchemy.orm import Session
 import outbox
 from outbox import migrate, ordering
 from outbox.bench_cpu import GROUPS, CpuUse, measure_cpu
-from outbox.database import create_outbox_engine, redact
+from outbox.database import create_outbox_engine
 from outbox.message import OutgoingMessage, build_message
 from outbox.producer import ProducerOptions, prepare_row
 from outbox.publisher import AmqpPublisher
+from outbox.redaction import redact
 from outbox.registry import relay_hooks
 from outbox.relay import Relay, RelaySettings
 from outbox.store import SqlStore
@@ -150,10 +151,15 @@ def libpq(url: str) -> str:
 
 
 def seed_pending(
-    url: str, count: int, *, state: str = "pending", content_bytes: int = 1024
+    url: str,
+    count: int,
+    *,
+    state: str = "pending",
+    content_bytes: int = 1024,
+    key_count: int = KEYS,
 ) -> None:
-    """``count`` valid events with ``content_bytes`` of content over 1,000 keys, in one INSERT."""
-    keys = [f"case:1:{i}" for i in range(KEYS)]
+    """``count`` valid events with ``content_bytes`` of content over ``key_count`` keys."""
+    keys = [f"case:1:{i}" for i in range(key_count)]
     with psycopg.connect(libpq(url), autocommit=True) as conn:
         partitions = conn.execute("SELECT count(*) FROM outbox_partition").fetchone()
         assert partitions is not None
@@ -176,7 +182,7 @@ def seed_pending(
             {
                 "keys": keys,
                 "parts": parts,
-                "n": KEYS,
+                "n": key_count,
                 "schema": SCHEMA,
                 "pad": pad,
                 "count": count,
@@ -259,7 +265,7 @@ def plain_amqp_rate(ctx: Context, messages: Sequence[OutgoingMessage]) -> float:
     return len(messages) / elapsed
 
 
-def drain_rate(ctx: Context, engine: Engine) -> float:
+def drain_rate(ctx: Context, engine: Engine, events: int | None = None) -> float:
     # As `outbox relay` runs by default: content validation against the registry on.
     relay = Relay(
         SqlStore(engine),
@@ -273,8 +279,9 @@ def drain_rate(ctx: Context, engine: Engine) -> float:
     start = time.perf_counter()
     published = relay.drain(timeout=600)
     elapsed = time.perf_counter() - start
-    if published != ctx.events:
-        raise RuntimeError(f"the relay published {published} of {ctx.events} events")
+    expected = ctx.events if events is None else events
+    if published != expected:
+        raise RuntimeError(f"the relay published {published} of {expected} events")
     return published / elapsed
 
 
@@ -344,6 +351,37 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
             baseline_name="same round's baseline",
         ),
         *cpu_rows,
+    ]
+
+
+def figure_hot_key(ctx: Context, events: int = 5_000, rounds: int = 3) -> list[Figure]:
+    """The price of one unconfirmed message per key: one key's backlog against 1,000 keys'.
+
+    Median of alternating rounds, the same number of events each side.
+    """
+    engine = create_outbox_engine(ctx.database_url, pool_size=4)
+    pairs: list[tuple[float, float]] = []
+    try:
+        for round_ in range(rounds):
+            sides: dict[int, float] = {}
+            for key_count in (1, KEYS) if round_ % 2 == 0 else (KEYS, 1):
+                _truncate(ctx)
+                seed_pending(ctx.database_url, events, key_count=key_count)
+                sides[key_count] = drain_rate(ctx, engine, events)
+                purge(ctx)
+            pairs.append((sides[1], sides[KEYS]))
+    finally:
+        engine.dispose()
+    hot, spread = sorted(pairs, key=lambda p: p[0] / p[1])[len(pairs) // 2]
+    return [
+        Figure(
+            name=f"drain {events:,} events of one key (events/s), median of {rounds}",
+            value=hot,
+            unit="/s",
+            baseline=spread,
+            baseline_name=f"the same number over {KEYS:,} keys",
+            target="cost of per-key order",
+        )
     ]
 
 
@@ -692,8 +730,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument(
         "--only",
-        default="drain,producer,notify,latency,history,validation",
-        help="comma-separated figures to run (drain,producer,notify,latency,history,validation)",
+        default="drain,hotkey,producer,notify,latency,history,validation",
+        help="comma-separated figures to run "
+        "(drain,hotkey,producer,notify,latency,history,validation)",
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -717,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _progress(figures)
         if "drain" in only:
             figures += figure_drain(ctx, args.rounds)
+            _progress(figures)
+        if "hotkey" in only:
+            figures += figure_hot_key(ctx)
             _progress(figures)
         if "producer" in only:
             figures += figure_producer(ctx)
