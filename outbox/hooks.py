@@ -38,7 +38,7 @@ from sqlalchemy.orm import (
 )
 
 from outbox.envelope import Action, Envelope
-from outbox.errors import BulkChangeError, ConfigurationError, ResourceContentError
+from outbox.errors import BulkChangeError, ConfigurationError, ResourceContentError, StoreError
 from outbox.hooks_model import (
     ChildConfig,
     ResourceConfig,
@@ -49,7 +49,14 @@ from outbox.hooks_model import (
     resource,
     roles_of,
 )
-from outbox.producer import ProducerOptions, options_of, prepare_row, write_session_rows
+from outbox.producer import (
+    ProducerOptions,
+    Schemas,
+    options_of,
+    prepare_row,
+    schemas_for,
+    write_session_rows,
+)
 
 __all__ = ["BYPASS_OPTION", "child_of", "column_content", "instrument", "resource"]
 
@@ -293,6 +300,7 @@ def _build_rows(session: Session, touches: list[tuple[int, Any, str]]) -> list[d
         groups.setdefault(identity, []).append((obj, kind))
     rows: list[dict[str, Any]] = []
     options = options_of(session.info)
+    schemas = schemas_for(session, options) if groups else None
     for entries in groups.values():
         action = _net_action([kind for _, kind in entries])
         obj = entries[-1][0]
@@ -300,7 +308,7 @@ def _build_rows(session: Session, touches: list[tuple[int, Any, str]]) -> list[d
         assert config is not None
         if action is None or action not in config.actions:
             continue
-        rows.append(_row(config, obj, action, options))
+        rows.append(_row(config, obj, action, options, schemas))
     return rows
 
 
@@ -318,7 +326,11 @@ def _net_action(kinds: list[str]) -> Action | None:
 
 
 def _row(
-    config: ResourceConfig, obj: Any, action: Action, options: ProducerOptions
+    config: ResourceConfig,
+    obj: Any,
+    action: Action,
+    options: ProducerOptions,
+    schemas: Schemas | None,
 ) -> dict[str, Any]:
     try:
         if config.modes[action] == "reference":
@@ -334,10 +346,11 @@ def _row(
             key=config.ordering_key(obj),
             resource_type=config.resource_type,
             headers=headers,
-            options=options,  # validates the content against the schema registry, if any
+            options=options,
+            schemas=schemas,  # validates the content against the schema registry
         )
-    except (SQLAlchemyError, ConfigurationError):
-        raise  # not a problem of this content
+    except (SQLAlchemyError, ConfigurationError, StoreError):
+        raise  # not a problem of this content (StoreError: reading the schema registry)
     except Exception as exc:
         raise ResourceContentError(
             f"cannot publish the {action.value} event of {config.describe(obj)} "

@@ -29,7 +29,7 @@ from outbox.envelope import Envelope
 from outbox.errors import SchemaNotMigrated, UnsendableEventError
 
 if TYPE_CHECKING:
-    from outbox.registry import SchemaRegistry
+    from outbox.registry import ConnectionSource, SchemaRegistry
 
 NOTIFY_CHANNEL = "outbox_event"
 OPTIONS_KEY = "outbox.producer_options"
@@ -44,7 +44,9 @@ class ProducerOptions:
     idle relay wakes up at commit. It serialises commits briefly inside
     PostgreSQL; turn it off for very write-heavy services and let the relay poll.
 
-    ``schemas``: a :class:`~outbox.registry.SchemaRegistry`; content whose
+    ``schemas``: the :class:`~outbox.registry.SchemaRegistry` to validate
+    content against; by default, the registry in the outbox's own database
+    (``outbox_schema``, read through the session's connection). Content whose
     ``resource.schema`` is registered is validated at ``publish`` and the row
     records the version it was validated against. ``strict``: refuse a URI the
     registry does not know (default: accept it, logged once per URI).
@@ -84,6 +86,7 @@ def prepare_row(
     routing_key: str | None = None,
     headers: Mapping[str, str] | None = None,
     options: ProducerOptions = DEFAULT_OPTIONS,
+    schemas: Schemas | None = None,
 ) -> dict[str, Any]:
     """Validate an envelope and turn it into an outbox row (no I/O but a registry reload).
 
@@ -94,9 +97,11 @@ def prepare_row(
     data = envelope.to_dict()
     fastcheck.check_envelope(data)  # jsonschema's rules, without its cost per event
     schema_version = None
-    if options.schemas is not None and options.validate:
-        checked = options.schemas.check_content(
-            envelope.schema, data["resource"]["content"], strict=options.strict
+    if schemas is None and options.schemas is not None and options.validate:
+        schemas = Schemas(options.schemas)
+    if schemas is not None:
+        checked = schemas.registry.check_content(
+            envelope.schema, data["resource"]["content"], strict=options.strict, using=schemas.using
         )
         schema_version = checked.version if checked is not None else None
     resource_type = resource_type or ordering.default_resource_type(envelope.schema)
@@ -169,6 +174,7 @@ def publish(
         routing_key=routing_key,
         headers=headers,
         options=options,
+        schemas=schemas_for(session, options),
     )
     if isinstance(session, Connection):
         write_rows(session, [row], options)
@@ -176,6 +182,54 @@ def publish(
         _buffer_for(session).add(row)
     event_id: uuid.UUID = row["event_id"]
     return event_id
+
+
+@dataclass(frozen=True, slots=True)
+class Schemas:
+    """The registry that validates a session's events, and how it reads the database."""
+
+    registry: SchemaRegistry
+    using: ConnectionSource | None = None
+
+
+_default_registries: weakref.WeakKeyDictionary[Engine, SchemaRegistry] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_registry(engine: Engine) -> SchemaRegistry:
+    """The schema registry in the outbox's own database (one per engine, cached)."""
+    registry = _default_registries.get(engine)
+    if registry is None:
+        from outbox.registry import SchemaRegistry  # jsonschema only once it is needed
+
+        registry = _default_registries.setdefault(engine, SchemaRegistry(engine))
+    return registry
+
+
+def schemas_for(session: Session | Connection, options: ProducerOptions) -> Schemas | None:
+    """How ``session``'s events are validated: the configured registry, else the
+    outbox database's own, read through the session's connection (inside its
+    transaction: no second connection from the pool); None when validation is off.
+    """
+    if not options.validate:
+        return None
+    if isinstance(session, Connection):
+        connection = session
+        engine = connection.engine
+        using: ConnectionSource = lambda: connection  # noqa: E731
+    else:
+        engine = _engine_of(session)
+        using = session.connection
+    if options.schemas is not None:
+        same_database = options.schemas.engine is engine
+        return Schemas(options.schemas, using if same_database else None)
+    return Schemas(default_registry(engine), using)
+
+
+def _engine_of(session: Session) -> Engine:
+    bind = session.get_bind()
+    return bind if isinstance(bind, Engine) else bind.engine
 
 
 def options_of(info: Mapping[str, Any]) -> ProducerOptions:

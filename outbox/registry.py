@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError as JsonSchemaError
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Connection, Engine, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from outbox import compat, table, validation
@@ -48,6 +48,9 @@ from outbox.redaction import redact
 
 if TYPE_CHECKING:
     from outbox.store import EventRow
+
+# Gives the connection to read the registry through, only when a reload is due.
+ConnectionSource = Callable[[], Connection]
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +228,23 @@ class SchemaRegistry:
 
     # -- loading ------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Reload every version from the database (no-op in memory)."""
+    def refresh(self, using: ConnectionSource | None = None) -> None:
+        """Reload every version from the database (no-op in memory).
+
+        ``using`` gives the connection to read through (a producer's, inside
+        its transaction: no second connection from the pool); by default the
+        registry connects itself.
+        """
         if self.engine is None:
             return
         S = table.schema
         query = select(S).order_by(S.c.uri, S.c.version)
         try:
-            with self.engine.connect() as connection:
-                rows = list(connection.execute(query))
+            if using is not None:
+                rows = list(using().execute(query))
+            else:
+                with self.engine.connect() as connection:
+                    rows = list(connection.execute(query))
         except SQLAlchemyError as exc:
             raise _store_error(exc) from exc
         snapshot = _Snapshot()
@@ -260,20 +271,20 @@ class SchemaRegistry:
             self._snapshot = snapshot
             self._loaded_at = time.monotonic()
 
-    def _fresh(self) -> _Snapshot:
+    def _fresh(self, using: ConnectionSource | None = None) -> _Snapshot:
         if self.engine is not None and (
             self._loaded_at is None or time.monotonic() - self._loaded_at > self.max_age
         ):
-            self.refresh()
+            self.refresh(using)
         return self._snapshot
 
-    def _after_miss(self) -> _Snapshot | None:
+    def _after_miss(self, using: ConnectionSource | None = None) -> _Snapshot | None:
         """Reload after a lookup missed, unless one happened very recently."""
         now = time.monotonic()
         if self.engine is None or now - self._last_miss < self.miss_interval:
             return None
         self._last_miss = now
-        self.refresh()
+        self.refresh(using)
         return self._snapshot
 
     # -- reading --------------------------------------------------------------------
@@ -288,11 +299,13 @@ class SchemaRegistry:
         """The latest version of every URI."""
         return [versions[-1] for _, versions in sorted(self._fresh().by_uri.items())]
 
-    def resolve(self, uri: str, version: int | None = None) -> SchemaVersion | None:
+    def resolve(
+        self, uri: str, version: int | None = None, *, using: ConnectionSource | None = None
+    ) -> SchemaVersion | None:
         """The version ``uri`` names (latest, or pinned by ``/<n>`` or ``version``), or None."""
-        found = self._lookup(self._fresh(), uri, version)
+        found = self._lookup(self._fresh(using), uri, version)
         if found is None:
-            snapshot = self._after_miss()
+            snapshot = self._after_miss(using)
             if snapshot is not None:
                 found = self._lookup(snapshot, uri, version)
         return found
@@ -369,14 +382,21 @@ class SchemaRegistry:
         return check
 
     def check_content(
-        self, uri: str, content: Any, *, version: int | None = None, strict: bool = False
+        self,
+        uri: str,
+        content: Any,
+        *,
+        version: int | None = None,
+        strict: bool = False,
+        using: ConnectionSource | None = None,
     ) -> SchemaVersion | None:
         """Validate ``content`` against the schema ``uri`` names; return the version used.
 
         An unregistered URI returns None (logged once per URI), or raises
-        :class:`ContentValidationError` when ``strict``.
+        :class:`ContentValidationError` when ``strict``. ``using``: as for
+        :meth:`refresh`, should the registry need a reload.
         """
-        schema = self.resolve(uri, version)
+        schema = self.resolve(uri, version, using=using)
         if schema is None:
             which = uri if version is None else f"{uri} version {version}"
             if strict:
