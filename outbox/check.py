@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from sqlalchemy import Engine, text
 
 from outbox import migrate
 from outbox.database import create_outbox_engine
+from outbox.errors import StoreError
 from outbox.redaction import describe_url, redact, redact_error
 
 PASS = "PASS"
@@ -87,20 +89,53 @@ def _database_checks(url: str, connect_timeout: float) -> Iterator[CheckResult]:
                 yield CheckResult(name=name, status=SKIP, detail="database unreachable")
             return
         yield CheckResult(name="database", status=PASS, detail=f"connected to {shown}")
-        current, head = migrate.current_revision(engine), migrate.head_revision(engine)
-        if current != head:
-            yield CheckResult(
-                name="migrations",
-                status=FAIL,
-                detail=f"schema at revision {current or 'none (no outbox tables)'}, "
-                f"this version needs {head}",
-                fix="run `outbox migrate` with a role that may create tables",
-            )
-        else:
-            yield CheckResult(name="migrations", status=PASS, detail=f"schema at {head}")
+        yield _migrations(engine)
         yield _permissions(engine)
     finally:
         engine.dispose()
+
+
+def _migrations(engine: Engine) -> CheckResult:
+    head = migrate.head_revision(engine)
+    try:
+        installed = migrate.installed_revision(engine)
+    except StoreError as exc:
+        return CheckResult(
+            name="migrations",
+            status=FAIL,
+            detail=str(exc),
+            fix=f"as the owner of {migrate.SERVICE_VERSION_TABLE}, grant SELECT on it to this role",
+        )
+    if installed.revision == head:
+        return CheckResult(
+            name="migrations",
+            status=PASS,
+            detail=f"schema at {head} (recorded in {installed.version_table})",
+        )
+    return CheckResult(
+        name="migrations",
+        status=FAIL,
+        detail=f"schema at revision {installed.revision or 'none (no outbox revision recorded)'}"
+        f", this version needs {head}",
+        fix=f"run {installed.upgrade_command} with a role that may create tables",
+    )
+
+
+def relay_privileges(version_table: str) -> dict[str, tuple[str, ...]]:
+    """The relay's privileges where the revision is recorded in ``version_table``
+    (ours, or the service's ``alembic_version`` when its history holds our migrations)."""
+    privileges = dict(RELAY_PRIVILEGES)
+    if version_table != migrate.VERSION_TABLE:
+        del privileges[migrate.VERSION_TABLE]
+        privileges[version_table] = ("SELECT",)
+    return privileges
+
+
+def _version_table(engine: Engine) -> str:
+    try:
+        return migrate.installed_revision(engine).version_table or migrate.VERSION_TABLE
+    except StoreError:  # the service's table is unreadable: the migrations check says so
+        return migrate.SERVICE_VERSION_TABLE
 
 
 def _permissions(engine: Engine) -> CheckResult:
@@ -109,9 +144,10 @@ def _permissions(engine: Engine) -> CheckResult:
             name="permissions", status=PASS, detail=f"{engine.dialect.name}: no roles"
         )
     missing: list[str] = []
+    privileges_by_table = relay_privileges(_version_table(engine))
     with engine.connect() as connection:
         user = connection.execute(text("SELECT current_user")).scalar_one()
-        for table_name, privileges in RELAY_PRIVILEGES.items():
+        for table_name, privileges in privileges_by_table.items():
             exists = connection.execute(
                 text("SELECT to_regclass(:t) IS NOT NULL"), {"t": table_name}
             ).scalar_one()
@@ -169,22 +205,82 @@ def _broker_checks(
             )
             yield CheckResult(name="exchange", status=SKIP, detail="broker unreachable")
             return
+        _close(channel.close)
         yield CheckResult(name="broker", status=PASS, detail=f"connected to {shown}")
-        try:
-            channel.exchange_declare(exchange, "topic", passive=True)
-        except Exception as exc:
-            yield CheckResult(
-                name="exchange",
-                status=FAIL,
-                detail=f"exchange {exchange!r}: {_first_line(exc)}",
-                fix=f"declare a durable topic exchange {exchange!r} (the relay declares it "
-                "itself when its broker user has the configure permission), or set "
-                "OUTBOX_EXCHANGE to the exchange you use",
-            )
-            return
-        yield CheckResult(name="exchange", status=PASS, detail=f"exchange {exchange!r} exists")
+        yield _exchange(connection, exchange)
     finally:
         _close(connection.close)
+
+
+def _exchange(connection: kombu.Connection, exchange: str) -> CheckResult:
+    """Whether the relay's declare of its exchange succeeds, found by making it.
+
+    The relay declares a durable topic exchange each time it connects
+    (``AmqpPublisher.connect``, ``KombuPublisher.connect`` in outbox.publisher),
+    also when the exchange exists. RabbitMQ then wants the configure permission
+    on the exchange's name, and refuses an exchange of another type or
+    durability; a relay refused retries forever. So this check makes the same
+    declare: its verdict is the relay's. A passive declare first tells whether
+    the exchange existed. If it did, the second declare changes nothing; if it
+    did not, the second declare creates it exactly as the relay would at start.
+    That is the one side effect of ``outbox check``, and one the relay has anyway.
+    """
+    existed = _declare(connection, exchange, passive=True) is None
+    refused = _declare(connection, exchange, passive=False)
+    if refused is None:
+        detail = (
+            f"exchange {exchange!r} exists, and this user may declare it as the relay does"
+            if existed
+            else f"exchange {exchange!r} was missing: declared it (durable topic) as the "
+            "relay does at start; this user may configure it"
+        )
+        return CheckResult(name="exchange", status=PASS, detail=detail)
+    reason = _first_line(refused)
+    user, vhost = connection.userid, connection.virtual_host
+    code = getattr(refused, "code", None)  # the AMQP reply code, for py-amqp's errors
+    reserved = exchange.startswith("amq.")  # RabbitMQ's own: no user creates or deletes them
+    if code == 403 and not reserved:
+        missing = "" if existed else " (missing)"
+        return CheckResult(
+            name="exchange",
+            status=FAIL,
+            detail=f"broker user {user!r} may not configure exchange {exchange!r}{missing}: "
+            "the relay declares it at every connect and would be refused, and retry forever",
+            fix=f"give {user!r} the configure permission on {exchange!r} in virtual host "
+            f"{vhost!r}, keeping its write and read patterns (RabbitMQ: `rabbitmqctl "
+            f"set_permissions -p {vhost} {user} '^{re.escape(exchange)}$' WRITE READ`), "
+            "or set OUTBOX_EXCHANGE to an exchange it may configure",
+        )
+    if code == 406 and not reserved:
+        return CheckResult(
+            name="exchange",
+            status=FAIL,
+            detail=f"exchange {exchange!r} is not the durable topic exchange the relay "
+            f"declares: {reason}",
+            fix=f"delete exchange {exchange!r} so that the relay declares it (durable, "
+            "topic), or set OUTBOX_EXCHANGE to a durable topic exchange",
+        )
+    return CheckResult(
+        name="exchange",
+        status=FAIL,
+        detail=f"cannot declare exchange {exchange!r} as the relay does: {reason}",
+        fix="set OUTBOX_EXCHANGE to a durable topic exchange this user may configure "
+        "(names starting with amq. are reserved by RabbitMQ)",
+    )
+
+
+def _declare(connection: kombu.Connection, exchange: str, *, passive: bool) -> Exception | None:
+    """The relay's declare, on a channel of its own (a refused declare closes the channel)."""
+    try:
+        channel = connection.channel()
+        # py-amqp's default is auto_delete=True: say False, as the relay does.
+        channel.exchange_declare(
+            exchange=exchange, type="topic", durable=True, auto_delete=False, passive=passive
+        )
+    except Exception as exc:
+        return exc
+    _close(channel.close)
+    return None
 
 
 def _tls(values: dict[str, Any]) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from outbox import migrate
 from outbox import settings as config
 from outbox.errors import ConfigurationError
 
@@ -42,20 +43,27 @@ def relay_role_sql(role: str) -> str:
     return _relay_role_template().replace(_ROLE_PLACEHOLDER, quote_identifier(role))
 
 
-def relay_role_statements(role: str) -> list[str]:
-    """The GRANT statements of :func:`relay_role_sql`, one per item, comments removed."""
+def relay_role_statements(role: str, version_table: str = migrate.VERSION_TABLE) -> list[str]:
+    """The GRANT statements of :func:`relay_role_sql`, one per item, comments removed.
+
+    ``version_table``: where the revision is recorded, the service's
+    ``alembic_version`` when its own Alembic history holds our migrations.
+    """
     # Split the template, not the result: a quoted role name may contain ";" or "--".
     body = _COMMENT.sub("", _relay_role_template())
     quoted = quote_identifier(role)
-    return [s.strip().replace(_ROLE_PLACEHOLDER, quoted) for s in body.split(";") if s.strip()]
+    statements = [s.strip().replace(_ROLE_PLACEHOLDER, quoted) for s in body.split(";")]
+    own = f" ON {migrate.VERSION_TABLE} "
+    return [s.replace(own, f" ON {version_table} ") for s in statements if s]
 
 
 def grant_relay_role(engine: Engine, role: str) -> None:
     """Grant ``role`` what the relay needs, in one transaction (run as the tables' owner)."""
     if engine.dialect.name != "postgresql":
         raise ConfigurationError("database roles exist only on PostgreSQL")
+    version_table = migrate.installed_revision(engine).version_table or migrate.VERSION_TABLE
     with engine.begin() as connection:
-        for statement in relay_role_statements(role):
+        for statement in relay_role_statements(role, version_table):
             connection.exec_driver_sql(statement)
 
 

@@ -8,6 +8,7 @@ import time
 from sqlalchemy import Engine
 
 from outbox import migrate
+from outbox.errors import StoreError
 from outbox.http import Check
 from outbox.metrics import PrometheusObserver
 from outbox.redaction import redact
@@ -37,15 +38,18 @@ def readiness(engine: Engine, *, cache_seconds: float = 2.0) -> Check:
 
     def evaluate() -> tuple[bool, str]:
         try:
-            current = migrate.current_revision(engine)
+            installed = migrate.installed_revision(engine)
+        except StoreError as exc:  # reachable, but the revision cannot be read
+            return False, str(exc)
         except Exception as exc:  # any driver error means "not reachable"
             first = redact(str(exc)).strip().splitlines()
             return False, f"database unreachable: {first[0] if first else type(exc).__name__}"
         head = migrate.head_revision(engine)
-        if current != head:
+        if installed.revision != head:
             return (
                 False,
-                f"schema at revision {current or 'none'}, expected {head}: run `outbox migrate`",
+                f"schema at revision {installed.revision or 'none'}, expected {head}: "
+                f"run {installed.upgrade_command}",
             )
         return True, f"configuration valid, database reachable, schema at {head}"
 
