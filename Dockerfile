@@ -12,7 +12,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY outbox/ outbox/
 COPY migrations/ migrations/
-# metrics: prometheus-client, for /metrics on the HTTP port.
+# No extra needed: prometheus-client (/metrics on the HTTP port) is a dependency.
 RUN pip install . && rm -rf /src
 
 # A numeric UID, so that Kubernetes' runAsNonRoot can verify it.

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -31,6 +32,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# A reader closed stdout early: 128 + SIGPIPE, what a shell reports for `yes | head -1`.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 # Modules that add sub-commands: each defines add_commands(command), where
 # command(name, help, run) returns a sub-parser with the shared settings added.
@@ -186,6 +189,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status.
+
+    A reader that closes stdout early (``outbox check | head -1``) ends the
+    command quietly with :data:`EXIT_BROKEN_PIPE`, as a shell reports a
+    process killed by SIGPIPE. Python ignores SIGPIPE (sockets need it
+    ignored), so the write raises instead; stdout is flushed here, inside the
+    guard, so that buffered output meets the closed pipe now and not at exit.
+    """
+    try:
+        try:
+            code = _run(argv)
+        except SystemExit:
+            sys.stdout.flush()  # --help and usage errors: argparse wrote, then exits
+            raise
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's broken pipe, not ours to hide
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test or an embedding app
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the final flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -6,6 +6,7 @@ import datetime as dt
 import gc
 import logging
 import threading
+from pathlib import PurePath
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -33,11 +34,32 @@ def relay_settings(values: dict[str, Any]) -> RelaySettings:
         lease_ttl=values["lease_ttl"],
         confirm_timeout=values["confirm_timeout"],
         unroutable=values["unroutable"],
-        source=values["source"],
+        source=ce_source(values),
+        type_prefix=ce_type_prefix(values),
         max_payload_bytes=values.get("max_payload_bytes", limits.DEFAULT_MAX_PAYLOAD_BYTES),
+        max_attempts=values.get("max_attempts", 0),
         # A retention of 0 deletes rows on delivery (issue 6; the demo keeps them).
         delete_on_delivery="retention" in values and retention_seconds(values) == 0,
     )
+
+
+def ce_source(values: dict[str, Any]) -> str:
+    """``ce-source``: the setting, or for ``auto`` a slash and the database's name."""
+    source = str(values.get("source") or "auto")
+    if source != "auto":
+        return source
+    url = values.get("database_url")
+    database = normalize_url(url).database if url else None
+    if not database:
+        return "/outbox"
+    # SQLite names a file: its stem ("/srv/app/cases.db" -> "cases").
+    return "/" + PurePath(database).stem if "/" in database or "." in database else "/" + database
+
+
+def ce_type_prefix(values: dict[str, Any]) -> str | None:
+    """The start of ``ce-type``; None (``auto``) derives it from each event's schema URI."""
+    prefix = str(values.get("type_prefix") or "auto")
+    return {"auto": None, "none": ""}.get(prefix, prefix)
 
 
 def broker_tls(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -131,13 +153,15 @@ def _report_backlog(relay: Relay) -> None:
         return
     oldest = backlog.oldest_pending_created_at
     age = None if oldest is None else round((dt.datetime.now(dt.UTC) - oldest).total_seconds(), 3)
+    # No pending row, no oldest one: the field says null, the message says nothing.
+    oldest_text = "" if age is None else f", oldest pending {age:.1f}s ago"
     emit(
         log,
         "backlog",
-        "pending %d, dead %d, oldest pending %ss",
+        "pending %d, dead %d%s",
         backlog.pending,
         backlog.dead,
-        age,
+        oldest_text,
         pending=backlog.pending,
         dead=backlog.dead,
         oldest_pending_age_seconds=age,

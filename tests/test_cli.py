@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox import table
+from outbox.cli import EXIT_BROKEN_PIPE
 from outbox.database import create_outbox_engine
+from outbox.message import type_namespace
 from outbox.store import SqlStore
 from tests.conftest import drain_queue, pg_url
 
@@ -135,6 +137,16 @@ def test_relay_forwards_events_and_stops_on_sigterm(
         2,
         2,
     ]
+    # By default the CloudEvents attributes name the producer: its database, the schema's owner.
+    database = pg_url_fixture.rsplit("/", 1)[1]
+    assert {m.headers["ce-source"] for m in first + second} == {f"/{database}"}
+    headers = first[0].headers
+    namespace = type_namespace(headers["outbox-schema"])
+    assert namespace  # the test's schema URI has a host
+    assert (
+        headers["ce-type"]
+        == f"{namespace}{headers['outbox-resource-type']}.{headers['outbox-action']}"
+    )
     # JSON log records go to stderr, one per line; stdout stays for command output.
     assert stdout == ""
     events = [json.loads(line)["event"] for line in stderr.splitlines()]
@@ -264,3 +276,115 @@ def test_demo_runs_without_servers(tmp_path: Path) -> None:
     assert per_resource[last] == ["create", "delete"]
     assert all(per_resource[i] == ["create"] for i in per_resource if i not in (first, last))
     assert (tmp_path / "outbox-demo" / "outbox.db").exists()
+
+
+# -- stdout: the command's output, alone, to a reader that may leave early ---------
+
+
+def test_stdout_holds_only_the_command_output(pg_url_fixture: str, tmp_path: Path) -> None:
+    """Log records go to stderr (issue 12: `schemas register` printed one to stdout)."""
+    uri = "https://example.org/schemas/stdout-case.json"
+    schema = tmp_path / "case.json"
+    schema.write_text(json.dumps({"$id": uri, "type": "object"}))
+    settings = {"OUTBOX_DATABASE_URL": pg_url_fixture, "OUTBOX_LOG_LEVEL": "INFO"}
+
+    registered = run("schemas", "register", str(schema), **settings)
+    assert registered.returncode == 0, registered.stderr
+    assert registered.stdout == f"registered {uri} version 1 (jsonschema)\n"
+    records = [json.loads(line) for line in registered.stderr.splitlines()]
+    assert [r["event"] for r in records] == ["schema_registered"]  # logged, on stderr
+
+    for args, shape in (
+        (("status", "--json"), dict),
+        (("dead", "list", "--json"), list),
+        (("schemas", "list", "--json"), list),
+    ):
+        result = run(*args, **settings)
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.splitlines()) == 1, result.stdout
+        assert isinstance(json.loads(result.stdout), shape), result.stdout
+
+
+def broken_pipe_problems(process: subprocess.Popen[str]) -> list[str]:
+    """What is wrong with how a command ended after its reader left (empty when quiet)."""
+    _, stderr = process.communicate(timeout=60)
+    problems = []
+    if process.returncode not in (0, EXIT_BROKEN_PIPE):
+        problems.append(f"exit status {process.returncode}")
+    if any(text in stderr for text in ("Traceback", "Exception ignored", "BrokenPipe")):
+        problems.append(f"stderr: {stderr!r}")
+    return problems
+
+
+def test_check_piped_into_head_exits_quietly(
+    pg_url_fixture: str, amqp_url: str, exchange_name: str
+) -> None:
+    """`outbox check | head -1`: the reader closes its end after the first line."""
+    process = subprocess.Popen(
+        [OUTBOX, "check"],
+        env=env(
+            OUTBOX_DATABASE_URL=pg_url_fixture,
+            OUTBOX_BROKER_URL=amqp_url,
+            OUTBOX_EXCHANGE=exchange_name,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    first = process.stdout.readline()
+    process.stdout.close()  # as head does: later lines meet a pipe nobody reads
+    assert first.startswith("PASS  database"), first
+    assert broken_pipe_problems(process) == []
+    assert process.returncode == EXIT_BROKEN_PIPE  # check writes on after its first line
+
+
+def test_every_command_exits_quietly_when_stdout_is_closed(
+    pg_url_fixture: str, amqp_url: str, exchange_name: str, tmp_path: Path
+) -> None:
+    """Each command that writes to stdout, on a pipe whose reader has already gone."""
+    schema = tmp_path / "case.json"
+    schema.write_text(json.dumps({"$id": "https://example.org/schemas/pipe.json"}))
+    commands = [
+        ["--help"],
+        ["migrate"],
+        ["status"],
+        ["status", "--json"],
+        ["check"],
+        ["schemas", "register", str(schema)],
+        ["schemas", "list"],
+        ["dead", "list"],
+        ["dead", "list", "--json"],
+        ["replay", "--since", "1h", "--dry-run"],
+        ["drain", "--timeout", "5"],
+        ["grant-relay-role", "outbox_relay", "--print"],
+        ["config-reference"],
+        ["demo", "--directory", str(tmp_path / "demo")],
+    ]
+    settings = env(
+        OUTBOX_DATABASE_URL=pg_url_fixture,
+        OUTBOX_BROKER_URL=amqp_url,
+        OUTBOX_EXCHANGE=exchange_name,
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        processes = [
+            subprocess.Popen(
+                [OUTBOX, *args],
+                env=settings,
+                cwd=tmp_path,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for args in commands
+        ]
+    finally:
+        os.close(write_end)
+    problems = {
+        " ".join(args): found
+        for args, process in zip(commands, processes, strict=True)
+        if (found := broken_pipe_problems(process))
+    }
+    assert problems == {}

@@ -2,7 +2,10 @@
 
 No container engine is needed: docker-compose v1 validates the compose file
 (CI installs it into .venv-compose and exports OUTBOX_DOCKER_COMPOSE), and the
-Dockerfile and the manifests are parsed.
+Dockerfile and the manifests are parsed. So are the examples of the pages
+about deployment (docs/deployment.md, docs/kubernetes.md): every YAML block is
+loaded, every shell block is checked by ``bash -n``, and every ``outbox``
+command line in either is parsed by the ``outbox`` command's own parser.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +28,9 @@ import pytest
 import yaml
 from sqlalchemy import Engine, select
 
-from outbox import table
+from outbox import settings, table
+from outbox.cli import build_parser
+from tests.docblocks import code_blocks, outbox_argv, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 RELAY_HTTP_PORT = 9464
@@ -181,10 +188,10 @@ def test_dockerfile_installs_the_project_with_pip() -> None:
 
 
 def _kubernetes_documents() -> list[dict[str, Any]]:
-    text = (ROOT / "docs" / "kubernetes.md").read_text()
-    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    blocks = code_blocks("kubernetes.md")
     assert blocks
-    return [doc for block in blocks for doc in yaml.safe_load_all(block) if doc]
+    assert {b.language for b in blocks} == {"yaml"}, "a block this test would not read"
+    return [doc for block in blocks for doc in yaml.safe_load_all(block.code) if doc]
 
 
 def _by_kind(kind: str) -> list[dict[str, Any]]:
@@ -234,6 +241,176 @@ def test_kubernetes_migration_job_runs_migrate_then_grants() -> None:
     for container in pod["initContainers"] + pod["containers"]:
         env = {e["name"]: e["value"] for e in container["env"]}
         assert env["OUTBOX_DATABASE_URL_FILE"].startswith("/run/secrets/")
+
+
+def _pods() -> dict[str, dict[str, Any]]:
+    """Every Pod spec of the page, by the name of the workload holding it."""
+    pods = {}
+    for document in _kubernetes_documents():
+        spec = document.get("spec", {})
+        if "template" in spec:
+            pods[f"{document['kind']} {document['metadata']['name']}"] = spec["template"]["spec"]
+    return pods
+
+
+def _containers(pod: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from pod.get("initContainers", [])
+    yield from pod.get("containers", [])
+
+
+def unreadable_secrets(pod: dict[str, Any]) -> list[str]:
+    """The Secret files a container of ``pod`` mounts but could not read.
+
+    As the kubelet writes them: owned by root, with group ``fsGroup`` when the Pod
+    sets one (else root), with the item's ``mode``, else the volume's
+    ``defaultMode`` (0644 when unset). A container runs as ``runAsUser`` with the
+    groups ``runAsGroup``, ``fsGroup`` and ``supplementalGroups`` (its own
+    securityContext overrides the Pod's). Root is the files' owner: with every
+    capability dropped it, too, reads by the owner bits. The kubelet also adds
+    group read to every mode when ``fsGroup`` is set (kubernetes/kubernetes#57923);
+    this does not count on that, so that the mode a manifest states is the mode
+    its files need.
+    """
+    context = pod.get("securityContext", {})
+    fs_group = context.get("fsGroup")
+    secrets = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+    problems = []
+    for container in _containers(pod):
+        mounts = [m for m in container.get("volumeMounts", []) if m["name"] in secrets]
+        own = {**context, **container.get("securityContext", {})}
+        uid = own.get("runAsUser")
+        if mounts and uid is None:
+            problems.append(f"{container['name']}: no runAsUser, so the reader is unknown")
+            continue
+        groups = {own.get("runAsGroup"), fs_group, *context.get("supplementalGroups", [])}
+        file_group = 0 if fs_group is None else fs_group
+        for mount in mounts:
+            secret = secrets[mount["name"]]
+            default = secret.get("defaultMode", 0o644)
+            for item in secret.get("items") or [{"path": "(every key)"}]:
+                mode = item.get("mode", default)
+                if uid == 0:
+                    bits = mode >> 6
+                elif file_group in groups:
+                    bits = mode >> 3
+                else:
+                    bits = mode
+                if not bits & 0o4:
+                    member = sorted(g for g in groups if g is not None)
+                    problems.append(
+                        f"{container['name']}: {mount['mountPath']}/{item['path']} of Secret "
+                        f"{secret['secretName']!r} is mode {mode:04o}, owner root:{file_group}; "
+                        f"unreadable by uid {uid} with groups {member}"
+                    )
+    return problems
+
+
+def test_the_readability_check_finds_a_secret_only_root_may_read() -> None:
+    """The migration Job of issue 12: mode 0400, runAsUser 10001, no fsGroup."""
+    job = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+        "initContainers": [
+            {"name": "migrate", "volumeMounts": [{"name": "s", "mountPath": "/run/secrets/o"}]}
+        ],
+        "volumes": [{"name": "s", "secret": {"secretName": "owner", "defaultMode": 0o400}}],
+    }
+    (problem,) = unreadable_secrets(job)
+    assert "migrate: /run/secrets/o/(every key) of Secret 'owner' is mode 0400" in problem
+    job["securityContext"]["fsGroup"] = 10001
+    assert unreadable_secrets(job) != []  # root:10001, but 0400 gives the group nothing
+    job["volumes"][0]["secret"]["defaultMode"] = 0o440
+    assert unreadable_secrets(job) == []
+    job["volumes"][0]["secret"]["items"] = [{"key": "k", "path": "k", "mode": 0o600}]
+    assert unreadable_secrets(job) != []  # an item's mode wins over defaultMode
+    del job["securityContext"]["fsGroup"]
+    job["securityContext"]["runAsUser"] = 0
+    assert unreadable_secrets(job) == []  # root owns the files
+
+
+def test_kubernetes_containers_can_read_the_secrets_they_mount() -> None:
+    pods = _pods()
+    assert set(pods) == {"Job cases-outbox-migrate", "Deployment cases"}
+    for name, pod in pods.items():
+        readers = [c for c in _containers(pod) if c.get("volumeMounts")]
+        assert readers, f"{name}: no container mounts a secret"
+        assert unreadable_secrets(pod) == [], name
+
+
+def test_kubernetes_containers_run_outbox_commands_with_known_settings() -> None:
+    """Each container of the relay image runs a command line that `outbox` accepts, with
+    environment variables that are settings of that command (others would be ignored)."""
+    known = {s.env: s for s in settings.SETTINGS}
+    known |= {s.env + "_FILE": s for s in settings.SETTINGS if s.secret}
+    checked = 0
+    for name, pod in _pods().items():
+        for container in _containers(pod):
+            if "outbox-relay" not in container["image"]:
+                continue
+            checked += 1
+            args = build_parser().parse_args(container["args"])  # exits (status 2) if refused
+            for variable in (e["name"] for e in container.get("env", [])):
+                assert variable in known, f"{name}/{container['name']}: unknown {variable}"
+                assert settings.applies_to(known[variable], args.command), (
+                    f"{name}/{container['name']}: {variable} is not read by {args.command}"
+                )
+    assert checked == 3  # migrate, grant-relay-role, the relay sidecar
+
+
+# -- docs/deployment.md: its shell examples, its words about the image ----------------
+
+
+def test_deployment_shell_examples_name_what_exists() -> None:
+    """The image, services, settings and ports its commands name (tests/test_docs_examples.py
+    checks their syntax and their `outbox` arguments)."""
+    blocks = code_blocks("deployment.md")
+    assert blocks and {b.language for b in blocks} == {"bash"}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    instructions = _dockerfile()
+    exposed = {args.split("/")[0] for keyword, args in instructions if keyword == "EXPOSE"}
+    known = {s.env for s in settings.SETTINGS}
+    known |= {s.env + "_FILE" for s in settings.SETTINGS if s.secret}
+    images: list[str] = []
+    outbox_lines = 0
+    for block in blocks:
+        for command in shell_commands(block.code):
+            if command[:2] == ["docker", "build"]:
+                assert command[-1] == "." and (ROOT / "Dockerfile").is_file()
+                images.append(command[command.index("-t") + 1])
+            if command[:2] == ["docker", "compose"] and command[2] in ("exec", "stop", "start"):
+                assert command[3] in compose["services"], command
+            if command[:2] == ["docker", "run"]:
+                values = [command[i + 1] for i, word in enumerate(command[:-1]) if word == "-e"]
+                assert {v.split("=")[0] for v in values} <= known, command
+                published = [command[i + 1] for i, word in enumerate(command[:-1]) if word == "-p"]
+                assert {p.split(":")[-1] for p in published} <= exposed, command
+            if outbox_argv(command, images[0] if images else "outbox-relay") is not None:
+                outbox_lines += 1
+            if command[0] == "curl":
+                assert f"localhost:{RELAY_HTTP_PORT}/" in command[-1], command
+    assert images == ["outbox-relay"]
+    assert outbox_lines >= 2  # `docker run ... outbox-relay`, `... exec relay outbox status`
+
+
+def test_extras_named_by_the_docs_and_the_dockerfile_exist() -> None:
+    """Issue 12: deployment.md and the Dockerfile named a `metrics` extra there is not."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = set(project["optional-dependencies"])
+    texts = {
+        path.relative_to(ROOT).as_posix(): path.read_text()
+        for path in [ROOT / "Dockerfile", ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    }
+    named = {
+        (where, extra.strip())
+        for where, text in texts.items()
+        for pattern in (r"`([\w-]+)` extras?\b", r"\.\[([\w,-]+)\]", r"\bextras? `([\w-]+)`")
+        for group in re.findall(pattern, text)
+        for extra in group.split(",")
+    }
+    assert {(where, extra) for where, extra in named if extra not in extras} == set()
+    # /metrics needs prometheus-client, which the image's plain `pip install .` brings.
+    assert any(d.startswith("prometheus-client") for d in project["dependencies"])
+    runs = [args for keyword, args in _dockerfile() if keyword == "RUN"]
+    assert any(re.search(r"pip install \.(\s|$)", run) for run in runs)
 
 
 # -- the example producer ---------------------------------------------------------------
