@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure PostgreSQL and RabbitMQ answer on localhost; start them if not.
+# Make sure PostgreSQL, RabbitMQ and Redis answer on localhost; start them if not.
 set -euo pipefail
 
 wait_for() {  # name, seconds, command...
@@ -23,3 +23,12 @@ if ! amqp_port_open 2>/dev/null; then
     rabbitmq-server -detached || true
 fi
 wait_for RabbitMQ 90 amqp_port_open
+
+# Redis: the tests of kombu's Redis transport (tests/test_redis_transport.py).
+redis_port_open() { python3 -c 'import socket; socket.create_connection(("127.0.0.1", 6379), 1).close()'; }
+if ! redis_port_open 2>/dev/null; then
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+        --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
+fi
+wait_for Redis 30 redis_port_open

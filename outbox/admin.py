@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, text, update
+from sqlalchemy import Connection, Select, false, func, insert, select, text, update
 
 from outbox import table
 from outbox.errors import OutboxError
@@ -26,8 +26,35 @@ RETRY = "retry"
 SKIP = "skip"
 
 
+# Rows per UPDATE ... IN (...): far below PostgreSQL's 65,535 bind parameters.
+_CHUNK = 1000
+
+
 class NotDead(OutboxError):
     """The event does not exist, or is not dead (someone resolved it already)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeadSelection:
+    """Which dead rows an operator means; every filter given must match (AND).
+
+    ``every`` (``--all``) selects every dead row when no other filter is
+    given; an empty selection selects nothing, so that no command changes
+    every dead row by omission.
+    """
+
+    event_ids: Sequence[uuid.UUID] = ()
+    keys: Sequence[str] = ()
+    reason_contains: str | None = None  # a substring of last_error, case-insensitive
+    every: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.event_ids or self.keys or self.reason_contains or self.every)
+
+    @property
+    def only_ids(self) -> bool:
+        return bool(self.event_ids) and not (self.keys or self.reason_contains)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,7 +84,14 @@ class DeadRow:
 class AdminStore(SqlStore):
     """The store plus the queries only operators run (never on the relay's hot path)."""
 
-    def dead_rows(self, limit: int = 1000) -> list[DeadRow]:
+    def dead_rows(
+        self, limit: int | None = 1000, selection: DeadSelection | None = None
+    ) -> list[DeadRow]:
+        """Dead rows in position order, all of them or those ``selection`` names."""
+        query = self._dead_query(selection).limit(limit)
+        return self._run(lambda c: [DeadRow(**r._mapping) for r in c.execute(query)])
+
+    def _dead_query(self, selection: DeadSelection | None) -> Select[Any]:
         behind = E.alias("behind")
         waiting = (
             select(func.count())
@@ -81,9 +115,23 @@ class AdminStore(SqlStore):
             )
             .where(E.c.state == table.DEAD)
             .order_by(E.c.position)
-            .limit(limit)
         )
-        return self._run(lambda c: [DeadRow(**r._mapping) for r in c.execute(query)])
+        if selection is None:
+            return query
+        if selection.is_empty:
+            return query.where(false())
+        if selection.event_ids:
+            query = query.where(E.c.event_id.in_(list(selection.event_ids)))
+        if selection.keys:
+            query = query.where(E.c.ordering_key.in_(list(selection.keys)))
+        if selection.reason_contains:
+            # lower() on both sides: ILIKE is PostgreSQL's, SQLite's LIKE folds ASCII only.
+            query = query.where(
+                func.lower(E.c.last_error).contains(
+                    selection.reason_contains.lower(), autoescape=True
+                )
+            )
+        return query
 
     def event_detail(self, event_id: uuid.UUID) -> dict[str, Any] | None:
         """Every column of one event, plus its audit trail; None if there is no such event."""
@@ -109,41 +157,63 @@ class AdminStore(SqlStore):
         return self._run(work)
 
     def resolve_dead(
-        self, event_ids: Sequence[uuid.UUID], operation: str, *, actor: str, reason: str
-    ) -> None:
+        self,
+        selection: DeadSelection | Sequence[uuid.UUID],
+        operation: str,
+        *,
+        actor: str,
+        reason: str,
+        dry_run: bool = False,
+    ) -> list[DeadRow]:
         """Retry (back to pending, same position) or skip dead rows, with an audit record.
 
-        A retried row keeps its position, so it is published before every later
-        row of its key: the held key continues in order. A skipped row stays in
-        the table as 'skipped' and the key continues with the next row. All or
-        nothing: if one id is not dead, nothing changes.
-        """
-        state = {RETRY: table.PENDING, SKIP: table.SKIPPED}[operation]
-        values: dict[str, Any] = {"state": state}
+        ``selection`` is a :class:`DeadSelection` or a list of event ids. A
+        retried row keeps its position, so it is published before every later
+        row of its key: the held key continues in order; several rows of one
+        key change in one transaction, so the relay sees them all at once, in
+        their positions. A skipped row stays in the table as 'skipped' and the
+        key continues with the next row. All or nothing: if one event id given
+        is not dead (or not matched by the other filters), nothing changes.
 
-        def work(connection: Connection) -> None:
-            for event_id in event_ids:
+        Returns the rows changed, in position order; with ``dry_run`` the rows
+        that would change, and nothing changes.
+        """
+        if not isinstance(selection, DeadSelection):
+            selection = DeadSelection(event_ids=list(selection))
+        state = {RETRY: table.PENDING, SKIP: table.SKIPPED}[operation]
+        # Locked until commit: a concurrent `dead` command waits, then finds them resolved.
+        query = self._dead_query(selection).with_for_update(of=E)
+
+        def work(connection: Connection) -> list[DeadRow]:
+            rows = [DeadRow(**r._mapping) for r in connection.execute(query)]
+            found = {row.event_id for row in rows}
+            missing = [event_id for event_id in selection.event_ids if event_id not in found]
+            if missing:
+                why = "" if selection.only_ids else ", or does not match the selection"
+                raise NotDead(f"event {missing[0]} is not dead (no such event, or resolved{why})")
+            if dry_run or not rows:
+                return rows
+            ids = [row.event_id for row in rows]
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
                 changed = connection.execute(
                     update(E)
-                    .where(E.c.event_id == event_id, E.c.state == table.DEAD)
-                    .values(**values)
+                    .where(E.c.event_id.in_(chunk), E.c.state == table.DEAD)
+                    .values(state=state)
                 ).rowcount
-                if changed != 1:
-                    raise NotDead(f"event {event_id} is not dead (no such event, or resolved)")
-                connection.execute(
-                    insert(A).values(
-                        event_id=event_id,
-                        operation=operation,
-                        actor=actor,
-                        reason=reason,
-                        at=self._at(),
-                    )
-                )
+                if changed != len(chunk):  # cannot happen under the row locks
+                    raise NotDead("a selected row was resolved meanwhile; nothing changed")
+            # In position order, so the trail reads in the order the rows will go out.
+            connection.execute(
+                insert(A).values(operation=operation, actor=actor, reason=reason, at=self._at()),
+                [{"event_id": event_id} for event_id in ids],
+            )
             if self.is_postgresql:
                 # Wake idle relays at commit, as a producer would.
                 connection.execute(text("SELECT pg_notify('outbox_event', '')"))
+            return rows
 
-        self._run(work)
+        return self._run(work)
 
     def delivered_for_replay(
         self,

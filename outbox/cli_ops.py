@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from outbox.admin import AdminStore
+from outbox.admin import AdminStore, DeadSelection
 from outbox.errors import ConfigurationError
 from outbox.settings import require
 
@@ -33,12 +33,38 @@ def add_commands(command: CommandFactory) -> None:
     )
     dead.add_argument("action", choices=DEAD_ACTIONS, help="what to do")
     dead.add_argument("event_ids", nargs="*", metavar="EVENT_ID", help="events (show/retry/skip)")
+    dead.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        help="dead rows of this ordering key (repeatable) [list, retry, skip]",
+    )
+    dead.add_argument(
+        "--reason-contains",
+        default=None,
+        metavar="TEXT",
+        help="dead rows whose last error contains TEXT, ignoring case [list, retry, skip]",
+    )
+    dead.add_argument(
+        "--all",
+        action="store_true",
+        dest="every",
+        help="every dead row (retry, skip); ids and the other selections narrow it: "
+        "all of them must match",
+    )
+    dead.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rows that would change and their count; change nothing [retry, skip]",
+    )
     dead.add_argument("--json", action="store_true", help="print JSON (list, show)")
     dead.add_argument("--limit", type=int, default=1000, help="rows listed (default 1000)")
     dead.add_argument(
         "--actor", default=None, help="who makes the change (default: $USER) [retry, skip]"
     )
-    dead.add_argument("--reason", default=None, help="why; required for retry and skip")
+    dead.add_argument(
+        "--reason", default=None, help="why; required for retry and skip (not with --dry-run)"
+    )
 
     replay = command(
         "replay",
@@ -76,28 +102,54 @@ def add_commands(command: CommandFactory) -> None:
 def cmd_dead(values: dict[str, Any], args: argparse.Namespace) -> int:
     from outbox.admin import RETRY, SKIP
 
-    ids = [_event_id(text) for text in args.event_ids]
+    command = f"outbox dead {args.action}"
+    if args.reason_contains is not None and not args.reason_contains.strip():
+        raise ConfigurationError(f"{command}: --reason-contains needs a non-empty TEXT")
+    selection = DeadSelection(
+        event_ids=[_event_id(text) for text in args.event_ids],
+        keys=args.key,
+        reason_contains=args.reason_contains,
+        every=args.every,
+    )
     if args.action == "list":
-        return _dead_list(values, args)
-    if not ids:
-        raise ConfigurationError(f"outbox dead {args.action}: give at least one EVENT_ID")
+        return _dead_list(values, args, selection)
     if args.action == "show":
-        return _dead_show(values, ids, as_json=args.json)
-    if not args.reason or not args.reason.strip():
-        raise ConfigurationError(f"outbox dead {args.action}: --reason is required (why?)")
-    actor = args.actor or os.environ.get("USER") or _login()
+        if args.key or args.reason_contains is not None or args.every or args.dry_run:
+            raise ConfigurationError(f"{command}: takes EVENT_IDs only")
+        if not selection.event_ids:
+            raise ConfigurationError(f"{command}: give at least one EVENT_ID")
+        return _dead_show(values, list(selection.event_ids), as_json=args.json)
+    if selection.is_empty:
+        raise ConfigurationError(
+            f"{command}: give EVENT_IDs, --key, --reason-contains or --all (which rows?)"
+        )
     operation = RETRY if args.action == "retry" else SKIP
+    if args.dry_run:
+        with _admin_store(values) as store:
+            rows = store.resolve_dead(selection, operation, actor="", reason="", dry_run=True)
+        for row in rows:
+            print(f"{row.event_id!s:<36}  {row.ordering_key:<24}  {_first_line(row.reason)}")
+        verb = "retried" if operation == RETRY else "skipped"
+        print(f"{_rows(len(rows))} would be {verb}; nothing changed (--dry-run)")
+        return EXIT_OK
+    if not args.reason or not args.reason.strip():
+        raise ConfigurationError(f"{command}: --reason is required (why?)")
+    actor = args.actor or os.environ.get("USER") or _login()
+    reason = args.reason.strip()
     with _admin_store(values) as store:
-        store.resolve_dead(ids, operation, actor=actor, reason=args.reason.strip())
+        rows = store.resolve_dead(selection, operation, actor=actor, reason=reason)
     verb = "back to pending" if operation == RETRY else "skipped"
-    for event_id in ids:
-        print(f"{event_id} {verb} (by {actor}: {args.reason.strip()})")
+    for row in rows:
+        print(f"{row.event_id} {verb} (by {actor}: {reason})")
+    print(f"{_rows(len(rows))} {verb}")
     return EXIT_OK
 
 
-def _dead_list(values: dict[str, Any], args: argparse.Namespace) -> int:
-    with _admin_store(values) as store:
-        rows = store.dead_rows(limit=args.limit)
+def _dead_list(values: dict[str, Any], args: argparse.Namespace, selection: DeadSelection) -> int:
+    with _admin_store(values) as store:  # no selection: list them all
+        rows = store.dead_rows(
+            limit=args.limit, selection=None if selection.is_empty else selection
+        )
     if args.json:
         print(json.dumps([row.to_json() for row in rows]))
         return EXIT_OK
@@ -106,12 +158,20 @@ def _dead_list(values: dict[str, Any], args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'EVENT ID':<36}  {'KEY':<24} {'CREATED':<19}  {'HELD':>5}  REASON")
     for row in rows:
-        reason = (row.reason or "").splitlines()[0] if row.reason else ""
         print(
             f"{row.event_id!s:<36}  {row.ordering_key[:24]:<24} "
-            f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.held_behind:>5}  {reason[:80]}"
+            f"{row.created_at:%Y-%m-%d %H:%M:%S}  {row.held_behind:>5}  "
+            f"{_first_line(row.reason)[:80]}"
         )
     return EXIT_OK
+
+
+def _first_line(reason: str | None) -> str:
+    return reason.splitlines()[0] if reason else ""
+
+
+def _rows(count: int) -> str:
+    return f"{count} dead row{'' if count == 1 else 's'}"
 
 
 def _dead_show(values: dict[str, Any], ids: list[uuid.UUID], *, as_json: bool) -> int:
@@ -147,7 +207,7 @@ def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
     from outbox.progress import Progress
     from outbox.publisher import open_publisher
     from outbox.replay import ReplaySelection, replay
-    from outbox.runner import broker_tls
+    from outbox.runner import broker_tls, ce_source, ce_type_prefix
     from outbox.units import point_in_time
 
     try:
@@ -175,7 +235,8 @@ def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
             store,
             publisher,
             selection,
-            source=relay_values["source"],
+            source=ce_source(relay_values),  # the headers the relay sent
+            type_prefix=ce_type_prefix(relay_values),
             batch_size=relay_values["batch_size"],
             on_progress=progress.advance,
         )

@@ -12,6 +12,12 @@ never blocks a liveness probe). Each check is a callable returning
   sidecar an unready relay would take the whole service out of its load balancer
   exactly when the outbox is absorbing the outage).
 - ``/metrics``: the Prometheus text format.
+
+Every path answers ``GET`` and ``HEAD`` (the same status and headers, no body)
+over HTTP/1.1: connections are kept alive between requests (a scraper reuses
+one), every response carries its ``Content-Length``, and a connection idle for
+:data:`IDLE_TIMEOUT` seconds is closed, so that idle keep-alive clients cannot
+pile up threads.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
 Exposition = Callable[[], tuple[bytes, str]]
+
+IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
 
 
 class HealthServer:
@@ -100,8 +108,16 @@ def _handler(
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "outbox"
+        protocol_version = "HTTP/1.1"  # keep-alive; every response has a Content-Length
+        timeout = IDLE_TIMEOUT
 
         def do_GET(self) -> None:
+            self._respond(with_body=True)
+
+        def do_HEAD(self) -> None:
+            self._respond(with_body=False)
+
+        def _respond(self, *, with_body: bool) -> None:
             route = routes.get(self.path.split("?", 1)[0])
             if route is None:
                 status, body, content_type = 404, b"not found\n", "text/plain"
@@ -110,8 +126,14 @@ def _handler(
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
+            # parse_request decided from the request's version and Connection header.
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            elif self.request_version == "HTTP/1.0":
+                self.send_header("Connection", "keep-alive")
             self.end_headers()
-            self.wfile.write(body)
+            if with_body:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
             # Probes every few seconds would drown the relay's own records.

@@ -8,34 +8,68 @@ reports the same table-wide values, so aggregate them with ``max``, not ``sum``.
 
 Metrics live in a registry of their own (never the process-global one), so an
 application embedding the relay keeps its own metrics apart and tests can run
-several relays in one process.
+several relays in one process. That registry also carries prometheus_client's
+process, platform and garbage-collector collectors (``process_*``,
+``python_info``, ``python_gc_*``).
+
+The exposition leaves out the ``*_created`` series that prometheus_client adds
+to counters and histograms (each series' creation time: one more series for
+every counter and histogram, stored and never graphed). They are filtered out
+of this registry's scrape only: ``prometheus_client.disable_created_metrics()`` or its environment
+variable would change them for every registry of the process, also those of
+an application that embeds the relay.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import datetime as dt
 import logging
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from outbox.errors import OutboxError
 from outbox.logs import emit
 from outbox.observer import RelayObserver
-from outbox.publisher import CONNECTION, NACKED, REFUSED, RETURNED, TIMEOUT, UNSENDABLE
+from outbox.publisher import (
+    CONNECTION,
+    EXHAUSTED,
+    NACKED,
+    REFUSED,
+    RETURNED,
+    TIMEOUT,
+    UNSENDABLE,
+)
 from outbox.store import SqlStore
 
 log = logging.getLogger(__name__)
 
 PREFIX = "outbox"
 # Why the relay marked a row dead (the ``cause`` label); RelayObserver.event_dead.
-DEAD_CAUSES = ("invalid", RETURNED, UNSENDABLE, REFUSED)
+DEAD_CAUSES = ("invalid", RETURNED, UNSENDABLE, REFUSED, EXHAUSTED)
 _BATCH_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_SIZES = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
+# From milliseconds (a relay keeping up) to an hour (a backlog after an outage).
+_LAG_SECONDS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
 
 
 def package_version() -> str:
@@ -51,6 +85,9 @@ class PrometheusObserver(RelayObserver):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            with contextlib.suppress(ValueError):  # a registry passed in may hold them already
+                collector(registry=r)
         self.backlog = Gauge(
             f"{PREFIX}_backlog_events", "Pending rows in the outbox table.", registry=r
         )
@@ -102,6 +139,13 @@ class PrometheusObserver(RelayObserver):
             f"{PREFIX}_batch_size_events",
             "Events confirmed per batch.",
             buckets=_BATCH_SIZES,
+            registry=r,
+        )
+        self.delivery_lag = Histogram(
+            f"{PREFIX}_delivery_lag_seconds",
+            "Time from an event's created_at (the database's clock, in the producer's "
+            "transaction) to the broker's confirm of its message (the relay's clock).",
+            buckets=_LAG_SECONDS,
             registry=r,
         )
         self.broker_up = Gauge(
@@ -169,6 +213,13 @@ class PrometheusObserver(RelayObserver):
         self.batch_size.observe(count)
         self.batch_duration.observe(seconds)
 
+    def events_confirmed(self, created_at: Sequence[dt.datetime]) -> None:
+        now = time.time()
+        observe = self.delivery_lag.observe
+        for moment in created_at:
+            # Clamped: a database clock ahead of this host's would give a negative lag.
+            observe(max(0.0, now - moment.timestamp()))
+
     def publish_failed(self, kind: str, count: int) -> None:
         self._alive()
         self.publish_failures.labels(reason=kind).inc()
@@ -198,7 +249,22 @@ class PrometheusObserver(RelayObserver):
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format body and its content type, for ``/metrics``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE_LATEST
+
+
+class _WithoutCreated:
+    """A registry's families without their ``*_created`` samples (see the module doc)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            if any(sample.name == created for sample in family.samples):
+                family = copy.copy(family)  # a collector may hand out the same one again
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
 
 
 def refresh_table_gauges(observer: PrometheusObserver, store: SqlStore) -> bool:

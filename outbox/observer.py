@@ -6,6 +6,7 @@ hook is logged and ignored: observing must never stop the relay.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 
 
@@ -15,6 +16,10 @@ class RelayObserver:
 
     def batch_published(self, count: int, seconds: float) -> None:
         """``count`` messages were confirmed and marked delivered."""
+
+    def events_confirmed(self, created_at: Sequence[dt.datetime]) -> None:
+        """The broker confirmed messages whose rows were created at these moments
+        (aware, UTC; one per message), right after :meth:`batch_published`."""
 
     def publish_failed(self, kind: str, count: int) -> None:
         """``count`` messages of a wave were not confirmed; ``kind`` is nacked,

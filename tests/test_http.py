@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -10,7 +12,7 @@ from sqlalchemy import Engine
 from outbox import health
 from outbox.database import create_outbox_engine
 from outbox.errors import ConfigurationError
-from outbox.http import Check, HealthServer
+from outbox.http import Check, Exposition, HealthServer
 from outbox.metrics import PrometheusObserver
 from tests.conftest import pg_url
 from tests.ops_support import (
@@ -26,8 +28,12 @@ from tests.ops_support import (
 
 
 @contextmanager
-def serving(liveness: Check, readiness: Check) -> Iterator[HealthServer]:
-    server = HealthServer(host="127.0.0.1", port=0, liveness=liveness, readiness=readiness)
+def serving(
+    liveness: Check, readiness: Check, metrics: Exposition | None = None
+) -> Iterator[HealthServer]:
+    server = HealthServer(
+        host="127.0.0.1", port=0, liveness=liveness, readiness=readiness, metrics=metrics
+    )
     server.start()
     try:
         yield server
@@ -109,3 +115,76 @@ def test_a_port_in_use_is_a_configuration_error() -> None:
             liveness=lambda: (True, ""),
             readiness=lambda: (True, ""),
         )
+
+
+# -- HTTP/1.1 and HEAD ---------------------------------------------------------
+
+
+def test_every_path_answers_get_and_head_over_one_kept_alive_connection() -> None:
+    observer = PrometheusObserver()
+    expected = {"/livez": 200, "/readyz": 503, "/metrics": 200, "/nothing-here": 404}
+    with serving(
+        lambda: (True, "alive"), lambda: (False, "not yet"), observer.exposition
+    ) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            connection.connect()
+            sock = connection.sock
+            for path, status in expected.items():
+                connection.request("GET", path)
+                got = connection.getresponse()
+                body = got.read()
+                assert (got.version, got.status, got.will_close) == (11, status, False), path
+                assert int(got.headers["Content-Length"]) == len(body) > 0
+                connection.request("HEAD", path)
+                head = connection.getresponse()
+                assert (head.version, head.status, head.will_close) == (11, status, False), path
+                assert head.read() == b""
+                assert head.headers["Content-Type"] == got.headers["Content-Type"]
+                if path != "/metrics":  # a scrape's length changes as values do
+                    assert head.headers["Content-Length"] == got.headers["Content-Length"]
+                assert connection.sock is sock, f"{path}: the connection was not kept alive"
+        finally:
+            connection.close()
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def split_response(data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """The status line, headers and the bytes after the headers."""
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, value in (h.split(":", 1) for h in lines)}
+    return status, headers, rest
+
+
+def test_head_sends_headers_only_and_connection_close_is_honoured() -> None:
+    with serving(lambda: (True, "alive"), lambda: (True, "ready")) as server:
+        # Pipelined: if HEAD sent a body, the second response would not follow its headers.
+        data = exchange(
+            server.port,
+            b"HEAD /livez HTTP/1.1\r\nHost: probe\r\n\r\n"
+            b"GET /livez HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n",
+        )
+        status, headers, rest = split_response(data)
+        assert status == "HTTP/1.1 200 OK"
+        length = int(headers["content-length"])
+        assert "connection" not in headers  # kept alive
+        status, headers, body = split_response(rest)
+        assert status == "HTTP/1.1 200 OK", rest[:40]
+        assert headers["connection"] == "close"
+        assert int(headers["content-length"]) == length == len(body)
+        assert json.loads(body)["status"] == "ok"
+        # An HTTP/1.0 client without keep-alive gets its answer, then the close.
+        status, headers, body = split_response(
+            exchange(server.port, b"HEAD /readyz HTTP/1.0\r\n\r\n")
+        )
+        assert (status, headers["connection"], body) == ("HTTP/1.1 200 OK", "close", b"")
