@@ -9,10 +9,12 @@ RabbitMQ binding reads them).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -22,6 +24,8 @@ from outbox.store import EventRow
 
 CONTENT_TYPE_JSON = "application/json"
 CLOUDEVENTS_SPEC_VERSION = "1.0"
+# The $id of event.schema.json: what a JSON body (the whole envelope) conforms to.
+ENVELOPE_SCHEMA_URI = "https://callisto.digital.homeoffice.gov.uk/event.schema.json"
 # Headers with few distinct values across all messages (the frame encoder memoises them).
 REPEATING_HEADERS = frozenset(
     (
@@ -45,6 +49,8 @@ class OutgoingMessage:
     content_type: str
     timestamp: dt.datetime
     headers: dict[str, Any]
+    # Failed publishes recorded in the row when it was fetched.
+    attempts: int = 0
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -92,17 +98,38 @@ def stored_headers(stored: str | Mapping[str, Any]) -> Mapping[str, Any]:
     return headers
 
 
+@functools.lru_cache(maxsize=4096)
+def type_namespace(schema: str) -> str:
+    """The reverse-DNS name of the schema URI's host, with a trailing dot; "" without one.
+
+    ``https://example.org/schemas/case`` gives ``org.example.``: the
+    organisation that owns the schema names the event type, as the
+    CloudEvents spec asks of ``type`` ("SHOULD be prefixed with a reverse-DNS
+    name"). A URN or an IP address has no such name.
+    """
+    try:
+        host = urlsplit(schema).hostname or ""
+    except ValueError:
+        return ""
+    if not host or host.replace(".", "").isdigit() or ":" in host:
+        return ""
+    return ".".join(reversed(host.rstrip(".").split("."))) + "."
+
+
 def build_message(
     row: EventRow,
     action: str,
     schema: str,
     *,
     source: str,
-    type_prefix: str = "",
+    type_prefix: str | None = None,
     body: bytes | None = None,
     content_type: str = CONTENT_TYPE_JSON,
 ) -> OutgoingMessage:
-    """Build the message for ``row``; ``body`` defaults to the stored envelope, unchanged."""
+    """Build the message for ``row``; ``body`` defaults to the stored envelope, unchanged.
+
+    ``type_prefix`` starts ``ce-type``; None: the :func:`type_namespace` of the schema URI.
+    """
     created = _utc(row.created_at)
     if created < _EPOCH:
         raise UnsendableEventError(
@@ -110,6 +137,7 @@ def build_message(
             "an AMQP timestamp counts seconds since 1970 and cannot be negative"
         )
     message_id = str(row.event_id)
+    prefix = type_namespace(schema) if type_prefix is None else type_prefix
     headers: dict[str, Any] = {
         "outbox-action": action,
         "outbox-schema": schema,
@@ -118,9 +146,11 @@ def build_message(
         "ce-specversion": CLOUDEVENTS_SPEC_VERSION,
         "ce-id": message_id,
         "ce-source": source,
-        "ce-type": f"{type_prefix}{row.resource_type}.{action}",
+        "ce-type": f"{prefix}{row.resource_type}.{action}",
         "ce-time": _ce_time(created),
-        "ce-dataschema": schema,
+        # The schema of the body: the envelope's for a JSON body (the content's
+        # schema is outbox-schema), the content's for an Avro body (content only).
+        "ce-dataschema": ENVELOPE_SCHEMA_URI if content_type == CONTENT_TYPE_JSON else schema,
         "ce-subject": row.ordering_key,
     }
     if row.schema_version is not None:
@@ -136,4 +166,5 @@ def build_message(
         content_type=content_type,
         timestamp=created,
         headers=headers,
+        attempts=row.attempts,
     )

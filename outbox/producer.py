@@ -192,9 +192,7 @@ class Schemas:
     using: ConnectionSource | None = None
 
 
-_default_registries: weakref.WeakKeyDictionary[Engine, SchemaRegistry] = (
-    weakref.WeakKeyDictionary()
-)
+_default_registries: weakref.WeakKeyDictionary[Engine, SchemaRegistry] = weakref.WeakKeyDictionary()
 
 
 def default_registry(engine: Engine) -> SchemaRegistry:

@@ -49,6 +49,9 @@ CONNECTION = "connection"
 REFUSED = "refused"
 # The message cannot be encoded for this connection (never sent).
 UNSENDABLE = "unsendable"
+# Not a publish outcome: the relay's cause for a row the broker nacked or
+# returned max_attempts times.
+EXHAUSTED = "exhausted"
 
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,

@@ -55,7 +55,15 @@ from outbox.errors import (
 from outbox.logs import emit
 from outbox.message import CONTENT_TYPE_JSON, OutgoingMessage, build_message
 from outbox.observer import RelayObserver
-from outbox.publisher import REFUSED, RETURNED, UNSENDABLE, Publisher, PublishResult
+from outbox.publisher import (
+    EXHAUSTED,
+    NACKED,
+    REFUSED,
+    RETURNED,
+    UNSENDABLE,
+    Publisher,
+    PublishResult,
+)
 from outbox.store import EventRow, Lease, SqlStore
 
 log = logging.getLogger(__name__)
@@ -94,11 +102,14 @@ class RelaySettings:
     confirm_timeout: float = 10.0
     unroutable: str = "retry"
     source: str = "/outbox"
-    type_prefix: str = ""
+    # None: the reverse-DNS name of each event's schema URI host (outbox.message).
+    type_prefix: str | None = None
     backoff_initial: float = 0.2
     backoff_max: float = 30.0
     delete_on_delivery: bool = False
     max_payload_bytes: int = limits.DEFAULT_MAX_PAYLOAD_BYTES
+    # Nacks or returns of one event before it is marked dead; 0: retry for ever.
+    max_attempts: int = 0
 
     def __post_init__(self) -> None:
         if self.unroutable not in UNROUTABLE_POLICIES:
@@ -177,6 +188,8 @@ class Relay:
         # alone until the refused one is found.
         self._suspects: set[int] = set()
         self._unroutable_routes: set[str] = set()
+        # Nacks of a queued message since it was fetched, by position.
+        self._nacks: dict[int, int] = {}
         self._backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         self._publish_backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         self._store_log = FailureLog(log, "relay_store_unavailable", "relay_store_available")
@@ -222,6 +235,10 @@ class Relay:
     def _step_safely(self, stop: threading.Event, *, wait_when_idle: bool = True) -> bool:
         try:
             idle = self._step()
+            if idle and wait_when_idle and not self.publisher.connected:
+                # Connect while idle too: an unreachable broker is reported when
+                # it goes away, not only once there is work for it.
+                self._connect()
         except StoreUnavailable as exc:
             self._store_log.failed("%s", exc)
             self.observer.store_available(False)
@@ -348,6 +365,7 @@ class Relay:
         self._queue.clear()
         self._queued = 0
         self._suspects.clear()
+        self._nacks.clear()
 
     def _take_wave(self) -> list[OutgoingMessage]:
         """The oldest queued message of each key, at most a batch of them."""
@@ -381,13 +399,16 @@ class Relay:
             queue.appendleft(message)
             self._queued += 1
 
-    def _send_wave(self) -> None:
+    def _connect(self) -> None:
         try:
             self.publisher.connect()
         except PublishError as exc:
             raise BrokerUnavailable(str(exc)) from exc
         self._broker_log.recovered("broker reachable again")
         self.observer.broker_connected(True)
+
+    def _send_wave(self) -> None:
+        self._connect()
         wave = self._take_wave()
         self._sent_at = time.monotonic()
         self._inflight = wave
@@ -409,6 +430,7 @@ class Relay:
             self._observe(
                 self.observer.batch_published, len(confirmed), time.monotonic() - self._sent_at
             )
+            self._observe(self.observer.events_confirmed, [m.timestamp for m in confirmed])
             self._confirmed(confirmed)
         if not result.failures:
             self._publish_backoff.reset()
@@ -419,6 +441,8 @@ class Relay:
     def _confirmed(self, messages: list[OutgoingMessage]) -> None:
         for message in messages:
             self._suspects.discard(message.position)
+            if self._nacks:
+                self._nacks.pop(message.position, None)
             if self._pause_backoff:
                 self._pause_backoff.pop(_key_of(message), None)
             if message.routing_key in self._unroutable_routes:
@@ -442,9 +466,18 @@ class Relay:
             elif kind == REFUSED:
                 self._suspects.add(message.position)
                 retry.append(message)
+            elif kind in (NACKED, RETURNED) and self._out_of_attempts(message):
+                # The broker refused this very message max_attempts times.
+                attempts = self.settings.max_attempts
+                reason = f"{kind} {attempts} times (max_attempts): {detail}"
+                self._dead(
+                    message.position, _key_of(message), message.message_id, reason, EXHAUSTED
+                )
             elif kind == RETURNED:
                 self._unroutable(message, detail)
             else:  # nacked, timeout, connection: the broker may take it next time
+                if kind == NACKED:
+                    self._nacks[message.position] = self._nacks.get(message.position, 0) + 1
                 retry.append(message)
         for kind, count in kinds.items():
             self._observe(self.observer.publish_failed, kind, count)
@@ -469,6 +502,19 @@ class Relay:
             key=_key_of(first),
         )
         return True
+
+    def _out_of_attempts(self, message: OutgoingMessage) -> bool:
+        """Whether this failure is the ``max_attempts``-th of the message (0: never).
+
+        Failures recorded in the row before this relay fetched it count, plus
+        the nacks since (a nacked message is resent from memory; a returned
+        one is fetched again, with its count).
+        """
+        limit = self.settings.max_attempts
+        if not limit:
+            return False
+        failures = message.attempts + self._nacks.get(message.position, 0) + 1
+        return failures >= limit
 
     def _unroutable(self, message: OutgoingMessage, detail: str) -> None:
         key = _key_of(message)
@@ -511,12 +557,13 @@ class Relay:
     def _dead(self, position: int, key: str, event_id: str, reason: str, cause: str) -> None:
         """Mark a sent row dead: the rest of its key leaves the queue, held behind it."""
         self._mark_dead(position, key, event_id, reason, cause)
+        self._nacks.pop(position, None)
         self._drop_key(key)
 
     def _mark_dead(self, position: int, key: str, event_id: str, reason: str, cause: str) -> None:
         """Mark one row dead; its key is held until an operator retries or skips it.
 
-        ``cause`` is one of the metric's causes: invalid, unroutable,
+        ``cause`` is one of the metric's causes: invalid, unroutable, exhausted,
         unsendable, refused.
         """
         self.store.mark_dead(position, reason)

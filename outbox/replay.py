@@ -68,6 +68,7 @@ def replay(
     selection: ReplaySelection,
     *,
     source: str = "/outbox",
+    type_prefix: str | None = None,
     batch_size: int = 500,
     confirm_timeout: float = 10.0,
     attempts: int = 5,
@@ -91,7 +92,7 @@ def replay(
             )
             if not rows:
                 break
-            messages = [_message(row, source) for row in rows]
+            messages = [_message(row, source, type_prefix) for row in rows]
             _publish_confirmed(publisher, messages, confirm_timeout, attempts, last)
             published += len(messages)
             last = rows[-1].position
@@ -103,9 +104,11 @@ def replay(
     return ReplayResult(published=published, last_position=last)
 
 
-def _message(row: EventRow, source: str) -> OutgoingMessage:
+def _message(row: EventRow, source: str, type_prefix: str | None) -> OutgoingMessage:
+    """The message the relay sent for ``row`` (same headers), marked as a replay."""
     data = json.loads(row.payload)
-    message = build_message(row, data["action"], data["resource"]["schema"], source=source)
+    schema = data["resource"]["schema"]
+    message = build_message(row, data["action"], schema, source=source, type_prefix=type_prefix)
     message.headers[REPLAY_HEADER] = "true"
     return message
 

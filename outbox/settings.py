@@ -50,6 +50,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -157,6 +167,15 @@ SETTINGS: tuple[Setting, ...] = (
         commands=RELAY,
     ),
     Setting(
+        name="max_attempts",
+        help="mark an event dead (holding its key) once the broker nacked it or returned "
+        "it as unroutable this many times; 0: retry for ever, with backoff. Timeouts and "
+        "lost connections never count",
+        default=0,
+        parse=non_negative_int,
+        commands=RELAY,
+    ),
+    Setting(
         name="listen",
         help="wake up on PostgreSQL NOTIFY (needs a session connection, not a "
         "transaction-mode pooler)",
@@ -166,8 +185,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         name="source",
-        help="CloudEvents source attribute (ce-source) of every message",
-        default="/outbox",
+        help="CloudEvents source (ce-source) of every message: a URI reference that names "
+        "the producing service, e.g. https://cases.example.org or /cases; auto: a slash "
+        "and the database name (/cases for postgresql://db/cases)",
+        default="auto",
+        commands=RELAY,
+    ),
+    Setting(
+        name="type_prefix",
+        help="start of every CloudEvents type (ce-type), before <resource type>.<action>; "
+        "auto: the host of the event's schema URI in reverse-DNS order and a dot "
+        "(https://example.org/schemas/case gives org.example.case.update); none: no prefix",
+        default="auto",
         commands=RELAY,
     ),
     # -- relay performance and scale-out settings (issue 4) --

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import ordering, table
+from outbox import ordering, table, validation
 from outbox.message import OutgoingMessage
 from outbox.publisher import Publisher, PublishResult, open_publisher
 from outbox.relay import Relay, RelaySettings
@@ -99,8 +99,10 @@ def test_message_properties_headers_and_cloudevents(
     assert headers["outbox-key"] == "case:1:42"
     assert headers["ce-specversion"] == "1.0"
     assert headers["ce-id"] == str(event_id)
-    assert headers["ce-type"] == "case.create"
-    assert headers["ce-dataschema"] == SCHEMA
+    # The type starts with the schema host's reverse-DNS name; the data schema is the
+    # body's (the envelope's), the content's schema is outbox-schema.
+    assert headers["ce-type"] == "org.example.case.create"
+    assert headers["ce-dataschema"] == validation.event_schema()["$id"]
     assert headers["ce-source"]
 
     # The official CloudEvents SDK reads our message in binary content mode.
@@ -113,8 +115,9 @@ def test_message_properties_headers_and_cloudevents(
         JSONFormat(),
     )
     assert event.get_id() == message.properties["message_id"]
-    assert event.get_dataschema() == SCHEMA
-    assert event.get_type() == "case.create"
+    assert event.get_dataschema() == validation.event_schema()["$id"]
+    assert event.get_type() == "org.example.case.create"
+    assert event.get_extension("outboxschema") is None  # our headers are not ce- extensions
     assert event.get_time() == dt.datetime.fromisoformat(headers["ce-time"].replace("Z", "+00:00"))
     assert event.get_data() == json.loads(message.body)
 

@@ -266,12 +266,14 @@ def relay_first_id(engine: Engine) -> str:
     return states(engine)[0][0]
 
 
+@pytest.mark.parametrize("work", [1, 0], ids=["with-work", "idle"])
 def test_an_unreachable_broker_is_retried_with_growing_delays(
-    pg_engine: Engine, caplog: pytest.LogCaptureFixture
+    work: int, pg_engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Idle: before, a relay with nothing to send never connected, and said nothing."""
     from tests.ops_support import closed_port_url
 
-    publish(pg_engine, 1, range(1, 2))
+    publish(pg_engine, 1, range(1, 1 + work))
     clock = FailureClock()
     relay = Relay(
         SqlStore(pg_engine),
@@ -286,7 +288,7 @@ def test_an_unreachable_broker_is_retried_with_growing_delays(
     unavailable = [r for r in caplog.records if "broker_unavailable" in str(r.__dict__)]
     assert [r.levelname for r in unavailable][:2] == ["WARNING", "DEBUG"]
     assert [r.levelname for r in unavailable].count("WARNING") == 1
-    assert states(pg_engine)[0][1] == table.PENDING
+    assert [state for _, state in states(pg_engine)] == [table.PENDING] * work
 
 
 @pytest.fixture
@@ -391,3 +393,51 @@ def test_body_is_the_stored_envelope(pg_engine: Engine, amqp_url: str, exchange_
             queue(connection.default_channel).delete()
     assert message.properties["message_id"] == event_id
     assert json.loads(message.body)["resource"]["content"]["version"] == 1
+
+
+def test_max_attempts_marks_a_nacked_event_dead_and_holds_its_key(
+    pg_engine: Engine, amqp_url: str, exchange_name: str, bounded_queue: str
+) -> None:
+    """A queue that stays full nacks every publish: the third nack makes the event dead."""
+    with kombu.Connection(amqp_url) as connection:  # fill the queue: no consumer frees room
+        producer = connection.Producer()
+        for i in range(5):
+            producer.publish(f"filler {i}", exchange=exchange_name, routing_key="filler")
+    first, second = publish(pg_engine, 1, range(1, 3))
+    clock = FailureClock()
+    relay = Relay(
+        SqlStore(pg_engine),
+        open_publisher(amqp_url, exchange_name),
+        RelaySettings(max_attempts=3, backoff_initial=0.01, backoff_max=0.02),
+        observer=clock,
+    )
+    relay.drain(timeout=20)
+    dead = row_of(pg_engine, first)
+    assert dead.state == table.DEAD
+    assert dead.last_error.startswith("nacked 3 times (max_attempts)"), dead.last_error
+    assert row_of(pg_engine, second).state == table.PENDING  # held behind it, never sent
+    assert [kind for _, kind in clock.failures] == [NACKED] * 3
+
+
+def test_max_attempts_ends_the_retries_of_an_unroutable_event(
+    pg_engine: Engine, amqp_url: str, exchange_name: str
+) -> None:
+    """--unroutable retry with max_attempts: returned twice, then dead (no queue is bound)."""
+    (event,) = publish(pg_engine, 1, range(1, 2))
+    relay = Relay(
+        SqlStore(pg_engine),
+        open_publisher(amqp_url, exchange_name),
+        RelaySettings(max_attempts=2, backoff_initial=0.01, backoff_max=0.02, poll_interval=0.01),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while row_of(pg_engine, event).state != table.DEAD and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(10)
+    row = row_of(pg_engine, event)
+    assert row.state == table.DEAD
+    assert row.last_error.startswith("unroutable 2 times (max_attempts)"), row.last_error
+    assert row.attempts == 2  # both returns are counted in the row (mark_dead counts the last)
