@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Select, false, func, insert, select, text, up
 
 from outbox import table
 from outbox.errors import OutboxError
-from outbox.store import _EVENT_COLUMNS, EventRow, SqlStore
+from outbox.store import EventRow, SqlStore
 
 E = table.event
 A = table.dead_letter_audit
@@ -225,11 +225,15 @@ class AdminStore(SqlStore):
         event_ids: Sequence[uuid.UUID] = (),
     ) -> list[EventRow]:
         """Delivered rows matching every given filter, in position order, after a position."""
-        query = select(*_EVENT_COLUMNS).where(
-            E.c.position > after_position, *self._replay_filter(since, keys, event_ids)
-        )
-        query = query.order_by(E.c.position).limit(limit)
-        return self._run(lambda c: [EventRow(**r._mapping) for r in c.execute(query)])
+
+        def work(connection: Connection) -> list[EventRow]:
+            query = select(*self.event_columns(connection)).where(
+                E.c.position > after_position, *self._replay_filter(since, keys, event_ids)
+            )
+            query = query.order_by(E.c.position).limit(limit)
+            return [EventRow(**r._mapping) for r in connection.execute(query)]
+
+        return self._run(work)
 
     def count_for_replay(
         self,

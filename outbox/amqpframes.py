@@ -116,22 +116,24 @@ class PublishEncoder:
         self.channel_id = channel_id
         self.body_chunk = frame_max - 8  # frame header (7) and frame end (1)
         self._exchange = _shortstr(exchange)
-        self._routing: dict[str, bytes] = {}
+        # (exchange, routing key) -> method frame arguments; None: this encoder's exchange.
+        self._routing: dict[tuple[str | None, str], bytes] = {}
         self._content_types: dict[str, bytes] = {}
         self._items: dict[tuple[str, str], bytes] = {}
 
-    def _method_frame(self, routing_key: str, mandatory: bool) -> bytes:
-        cached = self._routing.get(routing_key)
+    def _method_frame(self, exchange: str | None, routing_key: str, mandatory: bool) -> bytes:
+        route = (exchange, routing_key)
+        cached = self._routing.get(route)
         if cached is None:
             args = (
                 _HEADER_HEAD.pack(BASIC_CLASS, BASIC_PUBLISH, 0, 0)[:4]  # class, method
                 + b"\x00\x00"  # reserved-1 (ticket)
-                + self._exchange
+                + (self._exchange if exchange is None else _shortstr(exchange, "the exchange"))
                 + _shortstr(routing_key, "the routing key")
             )
             cached = args
             if len(self._routing) < 10_000:
-                self._routing[routing_key] = cached
+                self._routing[route] = cached
         payload = cached + (b"\x01" if mandatory else b"\x00")
         return _FRAME_HEAD.pack(FRAME_METHOD, self.channel_id, len(payload)) + payload + FRAME_END
 
@@ -169,7 +171,7 @@ class PublishEncoder:
                 f"frame size allows {self.body_chunk}"
             )
         parts = [
-            self._method_frame(message.routing_key, mandatory),
+            self._method_frame(message.exchange, message.routing_key, mandatory),
             _FRAME_HEAD.pack(FRAME_HEADER, self.channel_id, len(header)),
             header,
             FRAME_END,

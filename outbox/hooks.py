@@ -37,7 +37,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from outbox.envelope import Action, Envelope
+from outbox.envelope import Action, Envelope, ResourceReference
 from outbox.errors import BulkChangeError, ConfigurationError, ResourceContentError, StoreError
 from outbox.hooks_model import (
     ChildConfig,
@@ -45,6 +45,7 @@ from outbox.hooks_model import (
     child_of,
     child_relationship_keys,
     column_content,
+    destination,
     is_published,
     resource,
     roles_of,
@@ -341,13 +342,28 @@ def _row(
                 config.validator(config.schema, content)
         version = getattr(obj, config.version_key) if config.version_key else None
         headers = {"outbox-resource-version": str(version)} if version is not None else None
+        exchange = routing_key = None
+        if config.exchange is not None or config.routing_key is not None:
+            fields = content.to_dict() if isinstance(content, ResourceReference) else content
+            if not isinstance(fields, Mapping):
+                fields = {}
+            if config.exchange is not None:
+                exchange = destination(
+                    "exchange", config.exchange, obj, action, config.resource_type, fields
+                )
+            if config.routing_key is not None:
+                routing_key = destination(
+                    "routing_key", config.routing_key, obj, action, config.resource_type, fields
+                )
         return prepare_row(
             Envelope(action=action, schema=config.schema, content=content),
             key=config.ordering_key(obj),
             resource_type=config.resource_type,
+            routing_key=routing_key,
             headers=headers,
             options=options,
             schemas=schemas,  # validates the content against the schema registry
+            exchange=exchange,
         )
     except (SQLAlchemyError, ConfigurationError, StoreError):
         raise  # not a problem of this content (StoreError: reading the schema registry)

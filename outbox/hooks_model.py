@@ -9,6 +9,7 @@ name classes that are declared later.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -23,6 +24,8 @@ from outbox.errors import ConfigurationError
 ContentMode = Literal["full", "reference"]
 Serializer = Callable[[Any], Mapping[str, Any]]
 Validator = Callable[[str, Mapping[str, Any]], None]
+# A string template ("cases.{tenantId}") or a function of the object and the action.
+Destination = str | Callable[[Any, Action], str]
 
 _RESOURCE_ATTR = "__outbox_resource__"
 _CHILD_ATTR = "__outbox_child__"
@@ -80,6 +83,8 @@ class ResourceConfig:
     id_attr: str
     version_attr: str | None
     key: Callable[[Any], str] | None
+    exchange: Destination | None = None
+    routing_key: Destination | None = None
     _version_resolved: bool = field(default=False, repr=False)
     _version_key: str | None = field(default=None, repr=False)
     _version_is_mapper_col: bool = field(default=False, repr=False)
@@ -182,6 +187,56 @@ class ChildConfig:
             ) from None
 
 
+def _check_template(what: str, spec: Destination | None) -> None:
+    """Refuse at declaration a template that could never be formatted by field name."""
+    if spec is None or callable(spec):
+        return
+    if not isinstance(spec, str) or not spec:
+        raise ConfigurationError(
+            f"outbox.resource({what}=...): a non-empty string template or a callable "
+            f"(obj, action) -> str, got {spec!r}"
+        )
+    try:
+        parsed = list(string.Formatter().parse(spec))
+    except ValueError as exc:
+        raise ConfigurationError(f"outbox.resource({what}=...): {spec!r}: {exc}") from None
+    for _literal, name, _format, _conversion in parsed:
+        if name is not None and not name.isidentifier():
+            raise ConfigurationError(
+                f"outbox.resource({what}=...): {spec!r}: fields are named by a top-level "
+                f"content field, {{type}} or {{action}}; got {{{name}}}"
+            )
+
+
+def destination(
+    what: str,
+    spec: Destination,
+    obj: Any,
+    action: Action,
+    resource_type: str,
+    content: Mapping[str, Any],
+) -> str:
+    """The exchange or routing key ``spec`` gives for one event.
+
+    A template is formatted with the top-level fields of the serialised
+    content, ``{type}`` (the resource type) and ``{action}``; the last two win
+    over content fields of the same name.
+    """
+    if callable(spec):
+        value = spec(obj, action)
+        if not isinstance(value, str):
+            raise TypeError(f"the {what} function returned {type(value).__name__}, not a str")
+        return value
+    fields = {**content, "type": resource_type, "action": action.value}
+    try:
+        return spec.format_map(fields)
+    except KeyError as exc:
+        raise ValueError(
+            f"the {what} template {spec!r} names {{{exc.args[0]}}}, which the "
+            f"{action.value} event's content does not have (fields: {', '.join(sorted(fields))})"
+        ) from None
+
+
 def resource(
     *,
     schema: str,
@@ -194,6 +249,8 @@ def resource(
     id: str = "id",
     version: str | None = None,
     key: Callable[[Any], str] | None = None,
+    exchange: Destination | None = None,
+    routing_key: Destination | None = None,
 ) -> Callable[[T], T]:
     """Declare a mapped class a published resource (see docs/sqlalchemy.md).
 
@@ -201,7 +258,13 @@ def resource(
     output) and ``"reference"`` (a ResourceReference: tenantId, id, version);
     by default create and update carry the full resource, delete a reference.
     ``validator(schema, content)`` may raise to refuse content before commit.
+    ``exchange`` and ``routing_key`` route the events: a template formatted
+    with the top-level fields of the serialised content, ``{type}`` and
+    ``{action}`` (``"cases.{tenantId}"``), or a callable ``(obj, action) -> str``;
+    by default the relay's exchange and ``<type>.<action>``.
     """
+    _check_template("exchange", exchange)
+    _check_template("routing_key", routing_key)
     probe = {"action": "create", "resource": {"schema": schema, "content": {}}}
     if not fastcheck.is_valid_envelope(probe):
         raise ConfigurationError(f"outbox.resource(schema=...): {schema!r} is not a URI")
@@ -235,6 +298,8 @@ def resource(
             id_attr=id,
             version_attr=version,
             key=key,
+            exchange=exchange,
+            routing_key=routing_key,
         )
         setattr(cls, _RESOURCE_ATTR, config)
         _forget()

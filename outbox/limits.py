@@ -21,7 +21,9 @@ The limits here are the producer's, deliberately below the broker's own:
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,6 +51,27 @@ def check_short_string(what: str, text: str) -> None:
         raise UnsendableEventError(
             f"{what} is {size} bytes in UTF-8; AMQP allows at most {SHORT_STRING_BYTES}: "
             f"{text[:40]!r}..."
+        )
+
+
+# AMQP 0-9-1's exchange-name grammar, which RabbitMQ follows for the names it declares.
+_EXCHANGE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+@functools.lru_cache(maxsize=1024)
+def check_exchange_name(name: str) -> None:
+    """Refuse an exchange name the broker would not take: empty, over 255 bytes, or
+    with a character other than a letter, digit, hyphen, underscore, period or colon.
+    """
+    if not isinstance(name, str) or not name:
+        raise UnsendableEventError(
+            "the exchange must be a non-empty string (None publishes to the relay's exchange)"
+        )
+    check_short_string("the exchange", name)
+    if _EXCHANGE_NAME.fullmatch(name) is None:
+        raise UnsendableEventError(
+            f"the exchange {name[:40]!r} may hold only letters, digits, hyphens, "
+            "underscores, periods and colons"
         )
 
 

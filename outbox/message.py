@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from outbox.errors import UnsendableEventError
-from outbox.limits import check_header_integers
+from outbox.limits import check_exchange_name, check_header_integers
 from outbox.store import EventRow
 
 CONTENT_TYPE_JSON = "application/json"
@@ -51,6 +51,8 @@ class OutgoingMessage:
     headers: dict[str, Any]
     # Failed publishes recorded in the row when it was fetched.
     attempts: int = 0
+    # The exchange the row names; None: the publisher's own.
+    exchange: str | None = None
 
 
 def _utc(moment: dt.datetime) -> dt.datetime:
@@ -136,6 +138,8 @@ def build_message(
             f"created_at {created.isoformat()} is before 1970: "
             "an AMQP timestamp counts seconds since 1970 and cannot be negative"
         )
+    if row.exchange is not None:
+        check_exchange_name(row.exchange)  # rows written by other means than publish
     message_id = str(row.event_id)
     prefix = type_namespace(schema) if type_prefix is None else type_prefix
     headers: dict[str, Any] = {
@@ -167,4 +171,5 @@ def build_message(
         timestamp=created,
         headers=headers,
         attempts=row.attempts,
+        exchange=row.exchange,
     )

@@ -125,7 +125,8 @@ class PrometheusObserver(RelayObserver):
         )
         self.dead_marked = Counter(
             f"{PREFIX}_events_marked_dead",
-            "Rows this relay marked dead, by cause (invalid, unroutable, unsendable, refused).",
+            "Rows this relay marked dead, by cause (invalid, unroutable, unsendable, refused, "
+            "exhausted).",
             ["cause"],
             registry=r,
         )

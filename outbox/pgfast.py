@@ -34,8 +34,10 @@ from psycopg.rows import args_row
 
 _COLUMNS = (
     "position, event_id, ordering_key, partition, routing_key, resource_type, "
-    "payload, headers::text, schema_version, created_at, attempts"
+    "payload, headers::text, schema_version, created_at, attempts, exchange"
 )
+# A schema before revision outbox_0003 (no exchange column): the relay's exchange for all.
+_COLUMNS_BEFORE_0003 = _COLUMNS.replace(", exchange", ", NULL::text AS exchange")
 _HELD = (
     "NOT EXISTS (SELECT FROM outbox_event AS dead WHERE dead.state = 'dead'"
     " AND dead.ordering_key = e.ordering_key AND dead.position < e.position)"
@@ -60,6 +62,8 @@ FETCH_OWNED = (
     "  @> %(partitions)s::smallint[]"
     f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
 )
+FETCH_BEFORE_0003 = FETCH.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
+FETCH_OWNED_BEFORE_0003 = FETCH_OWNED.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
 MARK = (
     "UPDATE outbox_event SET state = 'delivered', delivered_at = now(),"
     " attempts = attempts + 1, last_error = NULL"
@@ -83,6 +87,7 @@ def mark_and_fetch(
     delete_rows: bool,
     prepare: bool = True,
     skip_keys: Sequence[str] = (),
+    row_exchanges: bool = True,
 ) -> tuple[int, list[Any]]:
     """Mark ``mark`` delivered, then fetch; returns (rows marked, rows fetched).
 
@@ -110,7 +115,11 @@ def mark_and_fetch(
             }
             if owner is not None:
                 params["owner"] = owner
-            fetch_cursor.execute(FETCH if owner is None else FETCH_OWNED, params, prepare=prepare)
+            if row_exchanges:
+                query = FETCH if owner is None else FETCH_OWNED
+            else:
+                query = FETCH_BEFORE_0003 if owner is None else FETCH_OWNED_BEFORE_0003
+            fetch_cursor.execute(query, params, prepare=prepare)
             fetched = True
         # No window in which a relay frozen after the round trip sits idle in
         # the transaction holding the mark's row locks: the server would not

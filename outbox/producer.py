@@ -87,6 +87,7 @@ def prepare_row(
     headers: Mapping[str, str] | None = None,
     options: ProducerOptions = DEFAULT_OPTIONS,
     schemas: Schemas | None = None,
+    exchange: str | None = None,
 ) -> dict[str, Any]:
     """Validate an envelope and turn it into an outbox row (no I/O but a registry reload).
 
@@ -117,7 +118,12 @@ def prepare_row(
     routing_key = routing_key or f"{resource_type}.{envelope.action.value}"
     payload = codec.dumps(data)
     _check_sendable(key, routing_key, resource_type, envelope.schema, extra, payload, options)
-    return {
+    if exchange is not None:
+        if not isinstance(exchange, str):
+            kind = type(exchange).__name__
+            raise UnsendableEventError(f"the exchange must be a string, got {kind}")
+        limits.check_exchange_name(exchange)
+    row = {
         "event_id": uuid.uuid4(),
         "ordering_key": key,
         "routing_key": routing_key,
@@ -126,6 +132,10 @@ def prepare_row(
         "headers": extra or None,
         "schema_version": schema_version,
     }
+    if exchange is not None:
+        # Only then: a schema before revision outbox_0003 has no such column.
+        row["exchange"] = exchange
+    return row
 
 
 def _check_sendable(
@@ -159,12 +169,15 @@ def publish(
     resource_type: str | None = None,
     routing_key: str | None = None,
     headers: Mapping[str, str] | None = None,
+    exchange: str | None = None,
 ) -> uuid.UUID:
     """Add ``envelope`` to the transaction of ``session`` and return its event id.
 
     ``key`` orders events: those sharing a key are delivered in commit order
     (default ``<resource type>:<tenantId>:<id>``). ``resource_type`` defaults to
     the last segment of the schema URI; the routing key to ``<type>.<action>``.
+    ``exchange`` is stored in the row and the relay publishes to it (declaring
+    it first when it declares its own); None: the relay's ``--exchange``.
     """
     options = options_of(session.info)
     row = prepare_row(
@@ -175,6 +188,7 @@ def publish(
         headers=headers,
         options=options,
         schemas=schemas_for(session, options),
+        exchange=exchange,
     )
     if isinstance(session, Connection):
         write_rows(session, [row], options)
@@ -268,8 +282,11 @@ def write_rows(
     if not rows:
         return
     partitions = partition_count(connection)
+    routed = any("exchange" in row for row in rows)
     for row in rows:
         row["partition"] = ordering.partition_of(row["ordering_key"], partitions)
+        if routed:  # one INSERT: every row names the same columns
+            row.setdefault("exchange", None)
     if connection.dialect.name == "postgresql":
         # Sorted, de-duplicated lock ids: every writer acquires in the same
         # order, so no two transactions can wait on each other's keys.

@@ -62,6 +62,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     amqp.exceptions.RecoverableConnectionError,
 )
 
+_DECLARE_ERRORS: tuple[type[BaseException], ...] = (BrokerUnavailable, *_CONNECTION_ERRORS)
+
 
 @dataclass(kw_only=True, slots=True)
 class PublishResult:
@@ -71,7 +73,10 @@ class PublishResult:
     it sits in the batch; ``failures`` maps every other index to its failure
     kind (one of the kinds above) and an explanation. ``confirmed`` is the
     length of the confirmed prefix, and ``failure``/``detail`` describe the
-    first message after it.
+    first message after it. ``refused_alone`` holds the indices of ``refused``
+    failures known to be the message's own (the broker refused to declare its
+    exchange): unlike a channel the broker closed over one message of many,
+    nothing is left to find out by sending them alone.
     """
 
     confirmed: int
@@ -79,16 +84,29 @@ class PublishResult:
     detail: str = ""
     acked: frozenset[int] = frozenset()
     failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+    refused_alone: frozenset[int] = frozenset()
 
     @classmethod
-    def of(cls, size: int, failures: dict[int, tuple[str, str]]) -> PublishResult:
+    def of(
+        cls,
+        size: int,
+        failures: dict[int, tuple[str, str]],
+        refused_alone: frozenset[int] = frozenset(),
+    ) -> PublishResult:
         """The result for ``size`` messages of which those in ``failures`` failed."""
         acked = frozenset(i for i in range(size) if i not in failures)
         if not failures:
             return cls(confirmed=size, acked=acked)
         first = min(failures)
         kind, detail = failures[first]
-        return cls(confirmed=first, failure=kind, detail=detail, acked=acked, failures=failures)
+        return cls(
+            confirmed=first,
+            failure=kind,
+            detail=detail,
+            acked=acked,
+            failures=failures,
+            refused_alone=refused_alone,
+        )
 
 
 class Publisher(Protocol):
@@ -191,6 +209,8 @@ class _InFlight:
     nacked_tags: set[int] = field(default_factory=set)
     returned_ids: dict[str, str] = field(default_factory=dict)
     unsendable: dict[int, str] = field(default_factory=dict)
+    # Messages not sent for a failure known before writing (their exchange).
+    failed: dict[int, tuple[str, str]] = field(default_factory=dict)
     broken: str = ""
     refused: bool = False  # the broker closed the channel over a message (406)
 
@@ -238,6 +258,8 @@ class AmqpPublisher:
         )
         # position -> (message, encoder it was encoded for, frames), filled by prepare.
         self._ahead: dict[int, tuple[OutgoingMessage, tuple[int, int], bytes]] = {}
+        # Row exchanges declared on this connection (declare_exchange).
+        self._declared: set[str] = set()
 
     @property
     def connected(self) -> bool:
@@ -270,6 +292,7 @@ class AmqpPublisher:
         self._connection = connection
         self._channel = channel
         self._next_tag = 1
+        self._declared = set()
         self._encoder = PublishEncoder(
             channel_id=channel.channel_id,
             exchange=self.exchange,
@@ -355,14 +378,54 @@ class AmqpPublisher:
             return ahead[2]
         return encoder.encode(message)
 
+    def _declare_exchanges(self, messages: Sequence[OutgoingMessage]) -> dict[str, str]:
+        """Declare the row exchanges not declared on this connection yet.
+
+        Returns the exchanges the broker refused (403: no configure permission
+        or a reserved ``amq.`` name; 406: it exists with another type), with
+        the broker's words. A refusal closes the channel, so the publisher
+        reconnects and goes on with the others.
+        """
+        refused: dict[str, str] = {}
+        declared: list[str] = []
+        for message in messages:
+            name = message.exchange
+            if name is None or name == self.exchange or name in self._declared or name in refused:
+                continue
+            channel = self._channel
+            assert channel is not None
+            try:
+                channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
+            except amqp.exceptions.ChannelError as exc:
+                refused[name] = f"the broker refused to declare exchange {name!r}: {exc}"
+                self.close()
+                self.connect()  # BrokerUnavailable if it cannot: the caller handles that
+                self._declared.update(declared)  # they exist: declared on the old connection
+                continue
+            self._declared.add(name)
+            declared.append(name)
+        return refused
+
     def send(self, messages: Sequence[OutgoingMessage]) -> None:
         self.connect()
-        channel = self._channel
-        assert channel is not None
+        refused: dict[str, str] = {}
+        lost = ""
+        if self.declare_exchange:
+            try:
+                refused = self._declare_exchanges(messages)
+            except _DECLARE_ERRORS as exc:
+                self.close()
+                lost = f"connection lost while declaring exchanges: {exc}"
         batch = _InFlight(
             messages=messages, tags=[], first_tag=self._next_tag, resolved_upto=self._next_tag - 1
         )
         self._inflight = batch
+        if lost:
+            batch.failed = dict.fromkeys(range(len(messages)), (CONNECTION, lost))
+            batch.tags = [None] * len(messages)
+            return
+        channel = self._channel
+        assert channel is not None
         # One channel's frames, encoded by us and written in a few large writes
         # (outbox.amqpframes); the broker numbers them 1, 2, 3... per channel.
         amqp_connection = self._connection.connection if self._connection else None
@@ -370,6 +433,11 @@ class AmqpPublisher:
         assert amqp_connection is not None and encoder is not None
         frames: list[bytes] = []
         for index, message in enumerate(messages):
+            if refused and message.exchange in refused:
+                self._ahead.pop(message.position, None)
+                batch.failed[index] = (REFUSED, refused[message.exchange])
+                batch.tags.append(None)
+                continue
             try:
                 frames.append(self._frames(encoder, message))
             except UnsendableEventError as exc:  # a smaller frame_max than prepare assumed
@@ -399,9 +467,14 @@ class AmqpPublisher:
                 self._connection.drain_events(timeout=min(remaining, 1.0))
             except TimeoutError:
                 continue
-            except amqp.exceptions.PreconditionFailed as exc:
+            except (
+                amqp.exceptions.PreconditionFailed,
+                amqp.exceptions.NotFound,
+                amqp.exceptions.AccessRefused,
+            ) as exc:
                 # The broker closed the channel over one of these messages
-                # (RabbitMQ: a body above its max_message_size).
+                # (RabbitMQ: 406, a body above its max_message_size; 404, its
+                # exchange does not exist; 403, no write permission on it).
                 self._drop(f"the broker refused a message: {exc}", refused=True)
             except _CONNECTION_ERRORS as exc:
                 self._drop(f"connection lost while waiting for confirms: {exc}")
@@ -414,7 +487,8 @@ class AmqpPublisher:
         for index, message in enumerate(batch.messages):
             tag = batch.tags[index]
             if tag is None:
-                failures[index] = (UNSENDABLE, batch.unsendable[index])
+                failed = batch.failed.get(index)
+                failures[index] = failed or (UNSENDABLE, batch.unsendable[index])
             elif tag in batch.nacked_tags:
                 failures[index] = (NACKED, "the broker nacked the message")
             elif message.message_id in batch.returned_ids:
@@ -431,7 +505,8 @@ class AmqpPublisher:
             # Unconfirmed after the timeout: the channel's tag sequence can no
             # longer be trusted, so start over on a fresh connection.
             self.close()
-        return PublishResult.of(len(batch.messages), failures)
+        alone = frozenset(i for i, (kind, _) in batch.failed.items() if kind == REFUSED)
+        return PublishResult.of(len(batch.messages), failures, alone)
 
 
 class KombuPublisher:
@@ -450,6 +525,8 @@ class KombuPublisher:
         self.url = url
         self.exchange = Exchange(exchange, type="topic", durable=True)
         self.declare_exchange = declare_exchange
+        # Row exchanges by name (kombu declares each once per connection).
+        self._exchanges: dict[str, Exchange] = {}
         self._connection: kombu.Connection | None = None
         self._producer: kombu.Producer | None = None
         self._one_per_millisecond = False
@@ -496,9 +573,17 @@ class KombuPublisher:
         for index, message in enumerate(messages):
             if self._one_per_millisecond:
                 _next_millisecond()
+            exchange, declare = self.exchange, None
+            if message.exchange is not None and message.exchange != self.exchange.name:
+                exchange = self._exchanges.get(message.exchange) or self._exchanges.setdefault(
+                    message.exchange, Exchange(message.exchange, type="topic", durable=True)
+                )
+                declare = [exchange] if self.declare_exchange else None
             try:
                 producer.publish(
                     message.body,
+                    exchange=exchange,
+                    declare=declare,
                     routing_key=message.routing_key,
                     content_type=message.content_type,
                     content_encoding="utf-8",

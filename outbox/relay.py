@@ -461,7 +461,9 @@ class Relay:
         for index, (kind, detail) in sorted(result.failures.items()):
             message = wave[index]
             kinds[kind] = kinds.get(kind, 0) + 1
-            if kind == UNSENDABLE or (kind == REFUSED and len(wave) == 1):
+            if kind == UNSENDABLE or (
+                kind == REFUSED and (len(wave) == 1 or index in result.refused_alone)
+            ):
                 self._dead(message.position, _key_of(message), message.message_id, detail, kind)
             elif kind == REFUSED:
                 self._suspects.add(message.position)

@@ -20,6 +20,11 @@ carries the header ``outbox-replay: true``. Within a replay, the events of one
 key arrive in their original order. Live events published by the relay while a
 replay runs can arrive in between: consumers rebuilding state should replay
 into a dedicated exchange (``--exchange``) or apply events by resource version.
+
+A replay publishes every event to its own ``--exchange``, also an event whose
+row names an exchange of its own (``outbox.resource(exchange=...)``): the
+operator chooses where a replay goes, and one replay never fans out over
+exchanges that live consumers read. The routing key stays the row's.
 """
 
 from __future__ import annotations
@@ -108,6 +113,8 @@ def _message(row: EventRow, source: str, type_prefix: str | None) -> OutgoingMes
     """The message the relay sent for ``row`` (same headers), marked as a replay."""
     data = json.loads(row.payload)
     schema = data["resource"]["schema"]
+    # The replay's own --exchange, never the row's (see the module docstring).
+    row = row._replace(exchange=None)
     message = build_message(row, data["action"], schema, source=source, type_prefix=type_prefix)
     message.headers[REPLAY_HEADER] = "true"
     return message

@@ -33,8 +33,10 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    null,
     or_,
     select,
+    text,
     type_coerce,
     update,
 )
@@ -73,6 +75,8 @@ class EventRow(NamedTuple):
     schema_version: int | None
     created_at: dt.datetime
     attempts: int
+    # The exchange to publish to; None: the relay's own.
+    exchange: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -98,6 +102,18 @@ _EVENT_COLUMNS = (
     E.c.schema_version,
     E.c.created_at,
     E.c.attempts,
+    E.c.exchange,
+)
+
+
+# Before revision outbox_0003 there is no exchange column: every row goes to the relay's.
+_EVENT_COLUMNS_BEFORE_0003 = (*_EVENT_COLUMNS[:-1], null().label("exchange"))
+_HAS_EXCHANGE_PG = text(
+    "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('outbox_event')"
+    " AND attname = 'exchange' AND NOT attisdropped)"
+)
+_HAS_EXCHANGE_SQLITE = text(
+    "SELECT count(*) FROM pragma_table_info('outbox_event') WHERE name = 'exchange'"
 )
 
 
@@ -109,6 +125,24 @@ class SqlStore:
         self.is_postgresql = engine.dialect.name == "postgresql"
         # Off behind a transaction-mode pooler that cannot route them (PgBouncer < 1.21).
         self.prepared_statements = True
+        self._row_exchanges = False
+
+    def row_exchanges(self, connection: Connection) -> bool:
+        """Whether rows name their exchange (revision outbox_0003 added the column).
+
+        A relay of this release goes on publishing while the schema is older
+        (docs/operations.md, ``/readyz``). Until the column exists it is looked
+        for before every fetch, so rows are read with it from the first fetch
+        after ``outbox migrate`` added it; once found, it is not looked for again.
+        """
+        if not self._row_exchanges:
+            probe = _HAS_EXCHANGE_PG if self.is_postgresql else _HAS_EXCHANGE_SQLITE
+            self._row_exchanges = bool(connection.execute(probe).scalar())
+        return self._row_exchanges
+
+    def event_columns(self, connection: Connection) -> tuple[Any, ...]:
+        """The columns of an :class:`EventRow`, for the schema ``connection`` sees."""
+        return _EVENT_COLUMNS if self.row_exchanges(connection) else _EVENT_COLUMNS_BEFORE_0003
 
     # -- plumbing -------------------------------------------------------------
 
@@ -196,7 +230,9 @@ class SqlStore:
             query = query.where(E.c.ordering_key.not_in(list(skip_keys)))
 
         def work(connection: Connection) -> list[EventRow]:
-            return [EventRow(**row._mapping) for row in connection.execute(query, params)]
+            columns = self.event_columns(connection)
+            statement = query if columns is _EVENT_COLUMNS else query.with_only_columns(*columns)
+            return [EventRow(**row._mapping) for row in connection.execute(statement, params)]
 
         return self._run(work)
 
@@ -247,6 +283,7 @@ class SqlStore:
         def work(connection: Connection) -> list[EventRow]:
             raw = connection.connection.driver_connection
             assert raw is not None
+            row_exchanges = self.row_exchanges(connection)
             try:
                 _, rows = pgfast.mark_and_fetch(
                     raw,
@@ -259,6 +296,7 @@ class SqlStore:
                     delete_rows=delete_rows,
                     prepare=self.prepared_statements,
                     skip_keys=list(skip_keys),
+                    row_exchanges=row_exchanges,
                 )
             except psycopg.Error as exc:
                 # Into SQLAlchemy's hierarchy, which _translate_errors maps to ours.

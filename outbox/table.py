@@ -54,6 +54,8 @@ event = Table(
     Column("ordering_key", Text(), nullable=False),
     Column("partition", SmallInteger(), nullable=False),
     Column("routing_key", Text(), nullable=False),
+    # The exchange to publish to; NULL: the relay's own (--exchange).
+    Column("exchange", Text(), nullable=True),
     Column("resource_type", Text(), nullable=False),
     Column("payload", Text(), nullable=False),
     # Extra message headers set by the producer (trace context, resource version...).

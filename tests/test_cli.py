@@ -66,7 +66,7 @@ def test_migrate_creates_the_tables(empty_pg_database: str) -> None:
     result = run("migrate", OUTBOX_DATABASE_URL=url)
 
     assert result.returncode == 0, result.stderr
-    assert "outbox_0002" in result.stdout
+    assert "outbox_0003" in result.stdout
     assert SECRET not in result.stdout + result.stderr
     engine = create_outbox_engine(url)
     try:

@@ -40,7 +40,7 @@ from tests.ops_support import (
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OUTBOX_TABLES = set(table.metadata.tables)
-HEAD = "outbox_0002"
+HEAD = "outbox_0003"
 SERVICE_SECTION = "Include the outbox migrations in your service's Alembic history"
 
 
@@ -482,7 +482,8 @@ def test_a_service_alembic_history_includes_our_revisions(
         assert upgrade == ["alembic", "upgrade", "heads"]
         # The logging of alembic.ini is set up: alembic says what it applies.
         assert "Running upgrade  -> outbox_0001" in printed, printed
-        assert f"Running upgrade outbox_0001 -> {HEAD}" in printed, printed
+        assert "Running upgrade outbox_0001 -> outbox_0002" in printed, printed
+        assert f"Running upgrade outbox_0002 -> {HEAD}" in printed, printed
         assert _tables(engine) == OUTBOX_TABLES | {"alembic_version"}
         assert _service_versions(engine) == {HEAD}
 

@@ -17,6 +17,7 @@ The tests use Redis database 13 (``OUTBOX_TEST_REDIS_URL``) and flush only it.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -34,10 +35,11 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.message import OutgoingMessage
 from outbox.publisher import KombuPublisher, open_publisher
 from outbox.relay import Relay, RelaySettings
 from outbox.store import SqlStore
-from tests.conftest import _unavailable
+from tests.conftest import _unavailable, drain_queue
 
 REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SCHEMA = "https://example.org/schemas/case.json"
@@ -352,3 +354,37 @@ def test_without_a_bound_queue_redis_drops_the_message_yet_the_row_is_delivered(
         bound = late(connection.default_channel)
         bound.declare()
         assert bound.get(no_ack=True) is None
+
+
+def test_the_kombu_publisher_sends_to_each_rows_exchange(
+    redis_url: str, exchange: kombu.Exchange, redis_queue: kombu.Queue
+) -> None:
+    other = kombu.Queue(
+        f"{exchange.name}-other",
+        exchange=kombu.Exchange(f"{exchange.name}.other", type="topic", durable=True),
+        routing_key="#",
+    )
+    with kombu.Connection(redis_url) as connection:
+        other(connection.default_channel).declare()
+    publisher = KombuPublisher(redis_url, exchange.name)
+    messages = [
+        OutgoingMessage(
+            position=n,
+            message_id=f"m{n}",
+            routing_key="case.update",
+            body=b"{}",
+            content_type="application/json",
+            timestamp=dt.datetime.now(dt.UTC),
+            headers={},
+            exchange=row_exchange,
+        )
+        for n, row_exchange in enumerate([f"{exchange.name}.other", None, f"{exchange.name}.other"])
+    ]
+    try:
+        publisher.send(messages)
+        assert publisher.wait(1).failures == {}
+    finally:
+        publisher.close()
+    for queue, expected in ((other, ["m0", "m2"]), (redis_queue, ["m1"])):
+        arrived = drain_queue(redis_url, queue, expected=len(expected))
+        assert [m.properties["message_id"] for m in arrived] == expected
