@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 from outbox.logs import FIELDS_ATTR
@@ -109,3 +110,19 @@ def configure(fmt: str = "auto", level: str = "INFO") -> None:
     relay.setLevel(own)
     relay.propagate = True  # to the root's handler: one stream, one format
     logging.captureWarnings(True)  # Python warnings as records, not raw lines on stderr
+    # A thread's uncaught exception as a record too, not a raw traceback on stderr.
+    threading.excepthook = log_thread_exception
+
+
+def log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: the exception as an error record (``thread_exception``)."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    error = args.exc_value
+    logging.getLogger("outbox").error(
+        "uncaught exception in thread %s",
+        name,
+        exc_info=(args.exc_type, error, args.exc_traceback) if error is not None else None,
+        extra={FIELDS_ATTR: {"event": "thread_exception", "thread": name}},
+    )

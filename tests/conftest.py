@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,10 +45,12 @@ def restore_logging() -> Iterator[None]:
     (outbox.logformat): put them back, so that no test runs with another's logging."""
     root, own = logging.getLogger(), logging.getLogger("outbox")
     saved = (root.handlers[:], root.level, own.handlers[:], own.level, own.propagate)
+    excepthook = threading.excepthook
     try:
         yield
     finally:
         root.handlers[:], root.level, own.handlers[:], own.level, own.propagate = saved
+        threading.excepthook = excepthook
 
 
 def _unavailable(what: str, exc: Exception) -> None:

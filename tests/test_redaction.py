@@ -230,6 +230,30 @@ def test_third_party_records_are_json_redacted_and_warnings_only(
     assert all("pa ss" not in r["message"] for r in out)
 
 
+def test_an_uncaught_thread_exception_is_one_json_record_without_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    redaction.clear_secrets()
+    config.resolve({"broker_url": "amqp://guest:thread-s3cret@mq//"}, "relay", environ={})
+    configure("json", "INFO")
+
+    def fail() -> None:
+        raise RuntimeError("cannot reach amqp://guest:thread-s3cret@mq//")
+
+    thread = threading.Thread(target=fail, name="outbox-test-thread")
+    thread.start()
+    thread.join()
+    captured = capsys.readouterr()
+    (record,) = json_lines(captured.err)  # every line JSON: no raw traceback
+    assert (record["event"], record["level"], record["thread"]) == (
+        "thread_exception",
+        "error",
+        "outbox-test-thread",
+    )
+    assert "RuntimeError" in record["exception"]
+    assert "thread-s3cret" not in captured.err
+
+
 def test_a_missed_scheduler_job_is_a_json_warning_with_an_event_name(
     capsys: pytest.CaptureFixture[str], restore_logging: None
 ) -> None:
