@@ -199,7 +199,7 @@ def tls_options(
 @dataclass(eq=False)
 class _InFlight:
     messages: Sequence[OutgoingMessage]
-    # The delivery tag of each message; None for one that was not sent (unsendable).
+    # The delivery tag of each message; None for one that was not sent (see `failed`).
     tags: list[int | None]
     first_tag: int
     # Every tag up to resolved_upto got an ack or a nack; single confirms above
@@ -208,8 +208,7 @@ class _InFlight:
     singles: set[int] = field(default_factory=set)
     nacked_tags: set[int] = field(default_factory=set)
     returned_ids: dict[str, str] = field(default_factory=dict)
-    unsendable: dict[int, str] = field(default_factory=dict)
-    # Messages not sent for a failure known before writing (their exchange).
+    # Messages not sent, for a failure known before writing: (kind, detail) by index.
     failed: dict[int, tuple[str, str]] = field(default_factory=dict)
     broken: str = ""
     refused: bool = False  # the broker closed the channel over a message (406)
@@ -441,7 +440,7 @@ class AmqpPublisher:
             try:
                 frames.append(self._frames(encoder, message))
             except UnsendableEventError as exc:  # a smaller frame_max than prepare assumed
-                batch.unsendable[index] = str(exc)
+                batch.failed[index] = (UNSENDABLE, str(exc))
                 batch.tags.append(None)
                 continue
             batch.tags.append(self._next_tag)
@@ -487,8 +486,7 @@ class AmqpPublisher:
         for index, message in enumerate(batch.messages):
             tag = batch.tags[index]
             if tag is None:
-                failed = batch.failed.get(index)
-                failures[index] = failed or (UNSENDABLE, batch.unsendable[index])
+                failures[index] = batch.failed[index]
             elif tag in batch.nacked_tags:
                 failures[index] = (NACKED, "the broker nacked the message")
             elif message.message_id in batch.returned_ids:

@@ -48,12 +48,12 @@ def ce_source(values: dict[str, Any]) -> str:
     source = str(values.get("source") or "auto")
     if source != "auto":
         return source
-    url = values.get("database_url")
-    database = normalize_url(url).database if url else None
-    if not database:
+    url = normalize_url(values["database_url"]) if values.get("database_url") else None
+    if url is None or not url.database:
         return "/outbox"
     # SQLite names a file: its stem ("/srv/app/cases.db" -> "cases").
-    return "/" + PurePath(database).stem if "/" in database or "." in database else "/" + database
+    name = PurePath(url.database).stem if url.get_backend_name() == "sqlite" else url.database
+    return "/" + name
 
 
 def ce_type_prefix(values: dict[str, Any]) -> str | None:
