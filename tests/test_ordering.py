@@ -38,15 +38,17 @@ TRANSACTIONS_PER_WRITER = 20
 LONG_HOLD_SECONDS = 1.5
 
 
-def _setup(engine: Engine) -> None:
+def setup_commit_log(engine: Engine, keys: list[str]) -> None:
+    """Tables that record, per key, the order in which transactions committed
+    (``count_commit`` in each transaction): the truth first arrivals are checked against."""
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE commit_counter (key text PRIMARY KEY, n int)"))
         connection.execute(text("CREATE TABLE commit_log (tx uuid PRIMARY KEY, key text, n int)"))
-        for key in KEYS:
+        for key in keys:
             connection.execute(text("INSERT INTO commit_counter VALUES (:k, 0)"), {"k": key})
 
 
-def _count_commit(connection: Connection, key: str, tx: uuid.UUID) -> None:
+def count_commit(connection: Connection, key: str, tx: uuid.UUID) -> None:
     n = connection.execute(
         text("UPDATE commit_counter SET n = n + 1 WHERE key = :k RETURNING n"), {"k": key}
     ).scalar_one()
@@ -75,7 +77,7 @@ def _write(engine: Engine, key: str, *, rng: random.Random, hold: float, rollbac
                 outbox.publish(session, _envelope(key, tx, index))
             outbox.flush_events(session)  # position assigned now, commit comes later
             time.sleep(hold)
-            _count_commit(session.connection(), key, tx)
+            count_commit(session.connection(), key, tx)
             time.sleep(rng.uniform(0, 0.005))
             session.rollback() if rollback else session.commit()
     else:
@@ -84,14 +86,14 @@ def _write(engine: Engine, key: str, *, rng: random.Random, hold: float, rollbac
             for index in range(events):
                 outbox.publish(connection, _envelope(key, tx, index))
             time.sleep(hold)
-            _count_commit(connection, key, tx)
+            count_commit(connection, key, tx)
             transaction.rollback() if rollback else transaction.commit()
 
 
 def test_racing_writers_arrive_in_commit_order_per_key(
     pg_engine: Engine, amqp_url: str, exchange_name: str, bound_queue: kombu.Queue
 ) -> None:
-    _setup(pg_engine)
+    setup_commit_log(pg_engine, KEYS)
     failures: list[BaseException] = []
 
     relay = Relay(
@@ -115,7 +117,7 @@ def test_racing_writers_arrive_in_commit_order_per_key(
                 outbox.flush_events(session)
                 long_holds_position.set()
                 time.sleep(LONG_HOLD_SECONDS)
-                _count_commit(session.connection(), KEYS[0], tx)
+                count_commit(session.connection(), KEYS[0], tx)
                 session.commit()
         except BaseException as exc:
             failures.append(exc)

@@ -31,7 +31,7 @@ from typing import Any
 import kombu
 import pytest
 import redis
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import outbox
@@ -40,6 +40,7 @@ from outbox.publisher import KombuPublisher, open_publisher
 from outbox.relay import Relay, RelaySettings
 from outbox.store import SqlStore
 from tests.conftest import _unavailable, drain_queue
+from tests.test_ordering import count_commit, setup_commit_log
 
 REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SCHEMA = "https://example.org/schemas/case.json"
@@ -82,23 +83,6 @@ def redis_queue(redis_url: str, exchange: kombu.Exchange) -> kombu.Queue:
 # -- producers ------------------------------------------------------------------
 
 
-def _setup_commit_log(engine: Engine) -> None:
-    with engine.begin() as connection:
-        connection.execute(text("CREATE TABLE commit_counter (key text PRIMARY KEY, n int)"))
-        connection.execute(text("CREATE TABLE commit_log (tx uuid PRIMARY KEY, key text, n int)"))
-        for key in KEYS:
-            connection.execute(text("INSERT INTO commit_counter VALUES (:k, 0)"), {"k": key})
-
-
-def _count_commit(connection: Connection, key: str, tx: uuid.UUID) -> None:
-    n = connection.execute(
-        text("UPDATE commit_counter SET n = n + 1 WHERE key = :k RETURNING n"), {"k": key}
-    ).scalar_one()
-    connection.execute(
-        text("INSERT INTO commit_log VALUES (:tx, :k, :n)"), {"tx": tx, "k": key, "n": n}
-    )
-
-
 def _write(engine: Engine, key: str, rng: random.Random) -> None:
     """One producer transaction: one or two events of ``key``, a delay, the count, a commit."""
     tx = uuid.uuid4()
@@ -111,7 +95,7 @@ def _write(engine: Engine, key: str, rng: random.Random) -> None:
             )
         outbox.flush_events(session)  # the rows have their positions; the commit comes later
         time.sleep(rng.uniform(0, 0.01))
-        _count_commit(session.connection(), key, tx)
+        count_commit(session.connection(), key, tx)
 
 
 def _producers(engine: Engine, failures: list[BaseException]) -> list[threading.Thread]:
@@ -241,7 +225,7 @@ def _first_arrivals_in_commit_order(
 def test_concurrent_producers_arrive_in_commit_order_through_redis(
     pg_engine: Engine, redis_url: str, exchange: kombu.Exchange, redis_queue: kombu.Queue
 ) -> None:
-    _setup_commit_log(pg_engine)
+    setup_commit_log(pg_engine, KEYS)
     publisher = open_publisher(redis_url, exchange.name)
     assert isinstance(publisher, KombuPublisher)
     consumer = Consumer(redis_url, redis_queue)
@@ -293,7 +277,7 @@ class CrashingPublisher:
 def test_a_relay_stopped_or_killed_mid_stream_loses_nothing_through_redis(
     pg_engine: Engine, redis_url: str, exchange: kombu.Exchange, redis_queue: kombu.Queue
 ) -> None:
-    _setup_commit_log(pg_engine)
+    setup_commit_log(pg_engine, KEYS)
     consumer = Consumer(redis_url, redis_queue)
     store = SqlStore(pg_engine)
     failures: list[BaseException] = []
