@@ -25,6 +25,7 @@ from outbox import migrate, table
 from outbox.amqpframes import PublishEncoder
 from outbox.database import create_outbox_engine
 from outbox.errors import ConfigurationError, ResourceContentError, UnsendableEventError
+from outbox.hooks_model import Destination
 from outbox.message import OutgoingMessage
 from outbox.publisher import open_publisher
 from outbox.relay import Relay, RelaySettings
@@ -313,53 +314,49 @@ def test_an_exchange_the_broker_could_not_take_is_refused_at_publish(
 
 
 def test_a_template_naming_a_missing_field_is_refused_at_commit(sqlite_engine: Engine) -> None:
-    class Base(DeclarativeBase):
-        pass
-
-    @outbox.resource(schema=SCHEMA, exchange="cases.{region}")
-    class RegionCase(Base):
-        __tablename__ = "region_case"
-        tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-        id: Mapped[int] = mapped_column(Integer, primary_key=True)
-        version: Mapped[int] = mapped_column(Integer)
-        __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
-
-    Base.metadata.create_all(sqlite_engine)
-    factory = outbox.instrument(sessionmaker(sqlite_engine))
+    model, factory = routed_case(sqlite_engine, exchange="cases.{region}")
     with (
         pytest.raises(ResourceContentError, match=r"\{region\}.*tenantId") as caught,
         factory.begin() as session,
     ):
-        session.add(RegionCase(tenant_id=1, id=1))
+        session.add(model(tenant_id=1, id=1))
     assert "exchange template 'cases.{region}'" in str(caught.value)
     with sqlite_engine.connect() as connection:
         assert connection.execute(select(table.event.c.position)).all() == []
 
 
-def computed_case_factory(engine: Engine, exchange_of: Callable[[Any], str]) -> Any:
-    """A resource whose exchange ``exchange_of(obj)`` computes, and routing key too."""
+def routed_case(
+    engine: Engine, *, exchange: Destination, routing_key: Destination | None = None
+) -> tuple[Any, sessionmaker[Session]]:
+    """A resource routed by ``exchange`` and ``routing_key``, its table, an instrumented factory."""
 
     class Base(DeclarativeBase):
         pass
 
-    @outbox.resource(
-        schema=SCHEMA,
-        exchange=lambda obj, action: exchange_of(obj),
-        routing_key=lambda obj, action: f"{action}.{obj.id}",
-    )
-    class ComputedCase(Base):
-        __tablename__ = "computed_case"
+    @outbox.resource(schema=SCHEMA, exchange=exchange, routing_key=routing_key)
+    class RoutedCase(Base):
+        __tablename__ = "routed_case"
         tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)
         id: Mapped[int] = mapped_column(Integer, primary_key=True)
         version: Mapped[int] = mapped_column(Integer)
         __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
 
     Base.metadata.create_all(engine)
-    return ComputedCase, outbox.instrument(sessionmaker(engine))
+    return RoutedCase, outbox.instrument(sessionmaker(engine))
+
+
+def routed_by_function(
+    engine: Engine, exchange_of: Callable[[Any], str]
+) -> tuple[Any, sessionmaker[Session]]:
+    return routed_case(
+        engine,
+        exchange=lambda obj, action: exchange_of(obj),
+        routing_key=lambda obj, action: f"{action}.{obj.id}",
+    )
 
 
 def test_a_computed_destination_is_checked_like_an_explicit_one(sqlite_engine: Engine) -> None:
-    model, factory = computed_case_factory(sqlite_engine, lambda obj: f"cases {obj.tenant_id}")
+    model, factory = routed_by_function(sqlite_engine, lambda obj: f"cases {obj.tenant_id}")
     with (
         pytest.raises(ResourceContentError, match="only letters") as caught,
         factory.begin() as session,
@@ -369,7 +366,7 @@ def test_a_computed_destination_is_checked_like_an_explicit_one(sqlite_engine: E
 
 
 def test_a_callable_destination_is_stored(sqlite_engine: Engine) -> None:
-    model, factory = computed_case_factory(sqlite_engine, lambda obj: f"cases.{obj.tenant_id}")
+    model, factory = routed_by_function(sqlite_engine, lambda obj: f"cases.{obj.tenant_id}")
     with factory.begin() as session:
         session.add(model(tenant_id=4, id=9))
     E = table.event
