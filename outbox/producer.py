@@ -119,9 +119,6 @@ def prepare_row(
     payload = codec.dumps(data)
     _check_sendable(key, routing_key, resource_type, envelope.schema, extra, payload, options)
     if exchange is not None:
-        if not isinstance(exchange, str):
-            kind = type(exchange).__name__
-            raise UnsendableEventError(f"the exchange must be a string, got {kind}")
         limits.check_exchange_name(exchange)
     row = {
         "event_id": uuid.uuid4(),
