@@ -11,8 +11,8 @@ import os
 from alembic import context
 from sqlalchemy import Connection
 
-from outbox.database import create_outbox_engine
-from outbox.table import metadata
+from outbox.store.engine import create_outbox_engine
+from outbox.store.table import metadata
 
 VERSION_TABLE = "outbox_alembic_version"
 

@@ -15,8 +15,15 @@ from outbox.errors import (
     OutboxError,
     ResourceContentError,
 )
-from outbox.hooks import child_of, instrument, resource
-from outbox.producer import ProducerOptions, configure, flush_events, publish
+from outbox.producer import (
+    ProducerOptions,
+    child_of,
+    configure,
+    flush_events,
+    instrument,
+    publish,
+    resource,
+)
 
 __all__ = [
     "Action",

@@ -3,7 +3,7 @@
 ``decode`` turns a message body (JSON envelope, or an Avro single-object body)
 and its headers into a :class:`ReceivedEvent`; ``decode_message`` does the same
 for a kombu message. Content is validated against a
-:class:`~outbox.registry.SchemaRegistry` (the producer's database, or local
+:class:`~outbox.schemas.registry.SchemaRegistry` (the producer's database, or local
 schema files with :meth:`SchemaRegistry.from_files`).
 
 :class:`IdempotentConsumer` processes a redelivered message once: it records
@@ -25,11 +25,12 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from outbox import table, validation
-from outbox.envelope import Action, Envelope, ResourceReference
+from outbox.envelope import validation
+from outbox.envelope.model import Action, Envelope, ResourceReference
 from outbox.errors import EnvelopeError, OutboxError
 from outbox.logs import emit
-from outbox.registry import SchemaRegistry, avro_module
+from outbox.schemas.registry import SchemaRegistry, avro_module
+from outbox.store import table
 
 log = logging.getLogger(__name__)
 

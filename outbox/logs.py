@@ -2,7 +2,7 @@
 
 ``emit(log, "retention_purged", "purged %d rows", n, count=n)``
 logs the human message and attaches ``event`` plus the keyword fields, which
-the JSON formatter (:mod:`outbox.logformat`) writes as top-level keys.
+the JSON formatter (:mod:`outbox.ops.logformat`) writes as top-level keys.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-from outbox import migrate, redaction
-from outbox.database import create_outbox_engine
+from outbox import redaction
+from outbox.store import migrate
+from outbox.store.engine import create_outbox_engine
 
 PG_ADMIN_URL = os.environ.get(
     "OUTBOX_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -42,7 +43,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
 @pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
     """The CLI, run in this process, configures the root and ``outbox`` loggers
-    (outbox.logformat): put them back, so that no test runs with another's logging."""
+    (outbox.ops.logformat): put them back, so that no test runs with another's logging."""
     root, own = logging.getLogger(), logging.getLogger("outbox")
     saved = (root.handlers[:], root.level, own.handlers[:], own.level, own.propagate)
     excepthook = threading.excepthook

@@ -18,8 +18,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import ordering, settings, table
-from outbox.runner import run_relay
+from outbox.cli import settings
+from outbox.cli.runner import run_relay
+from outbox.envelope import ordering
+from outbox.store import table
 
 SCHEMA = "https://example.org/schemas/case.json"
 
@@ -140,7 +142,7 @@ def run_cli(args: list[str]) -> int:
     """``outbox ARGS`` in this process, leaving the logging setup as it found it."""
     import logging
 
-    from outbox.cli import main
+    from outbox.cli.main import main
 
     logger, root = logging.getLogger("outbox"), logging.getLogger()
     saved = (logger.handlers[:], logger.level, logger.propagate, root.handlers[:], root.level)

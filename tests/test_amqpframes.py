@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import struct
 from typing import Any
 
 from amqp import Message, spec
@@ -12,8 +13,8 @@ from amqp.serialization import dumps
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox.amqpframes import PublishEncoder, encode_table, write_batch
-from outbox.message import OutgoingMessage
+from outbox.relay.frames import PublishEncoder, encode_table, write_batch
+from outbox.relay.message import OutgoingMessage
 
 
 class _Capture:
@@ -134,3 +135,21 @@ def test_memoised_repeating_headers_encode_as_py_amqp(headers: dict[str, Any]) -
     message = outgoing(headers, b"{}")
     expected = reference_frames(message, exchange="outbox", frame_max=131072)
     assert SHARED_ENCODER.encode(message) == expected
+
+
+def test_py_amqp_still_has_the_private_parts_the_encoder_relies_on() -> None:
+    """py-amqp's ``_write_item`` is private: the range is pinned, and its shape checked here."""
+    import inspect
+    import io
+
+    from amqp import Connection, serialization
+
+    assert list(inspect.signature(serialization._write_item).parameters) == ["v", "write", "bits"]
+    out = io.BytesIO()
+    serialization._write_item(1.5, out.write, [])
+    assert out.getvalue() == b"d" + struct.pack(">d", 1.5)
+    # The encoder writes whole batches of frames to the connection's transport.
+    assert isinstance(Connection.transport, property)
+    from amqp.transport import TCPTransport
+
+    assert callable(TCPTransport.write)

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import make_url
 
 from outbox.errors import BrokerUnavailable
-from outbox.publisher import open_publisher
+from outbox.relay.publisher import open_publisher
 from tests.conftest import pg_url
 from tests.ops_support import closed_port_url, run_cli
 

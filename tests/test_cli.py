@@ -17,11 +17,11 @@ from sqlalchemy import Engine, inspect
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import table
-from outbox.cli import EXIT_BROKEN_PIPE
-from outbox.database import create_outbox_engine
-from outbox.message import type_namespace
-from outbox.store import SqlStore
+from outbox.cli.main import EXIT_BROKEN_PIPE
+from outbox.relay.message import type_namespace
+from outbox.store import table
+from outbox.store.engine import create_outbox_engine
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")

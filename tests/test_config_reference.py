@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from outbox import settings as config
-from outbox.cli import EXIT_USAGE, build_parser, main
-from outbox.cli_deploy import configuration_page
+from outbox.cli import settings as config
+from outbox.cli.deploy import configuration_page
+from outbox.cli.main import EXIT_USAGE, build_parser, main
 from outbox.errors import ConfigurationError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"

@@ -15,7 +15,6 @@ from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, Tex
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
-from outbox import table
 from outbox.consumer import (
     IdempotentConsumer,
     ReceivedEvent,
@@ -25,10 +24,11 @@ from outbox.consumer import (
     decode_message,
 )
 from outbox.errors import ContentValidationError, EnvelopeError
-from outbox.publisher import open_publisher
-from outbox.registry import SchemaRegistry, relay_hooks
-from outbox.relay import Relay
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay
+from outbox.relay.publisher import open_publisher
+from outbox.schemas.registry import SchemaRegistry, relay_hooks
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 
 CASE_URI = "https://example.org/schemas/case"

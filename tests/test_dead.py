@@ -7,10 +7,10 @@ import kombu
 import pytest
 from sqlalchemy import Engine, select, update
 
-from outbox import table
-from outbox.publisher import open_publisher
-from outbox.relay import Relay
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay
+from outbox.relay.publisher import open_publisher
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import (
     envelope_json,

@@ -19,10 +19,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
-from outbox import table
-from outbox.database import create_outbox_engine
 from outbox.errors import ContentValidationError, ResourceContentError, StoreError
-from outbox.registry import SchemaRegistry
+from outbox.schemas.registry import SchemaRegistry
+from outbox.store import table
+from outbox.store.engine import create_outbox_engine
 from tests.conftest import PG_ADMIN_URL, pg_url
 from tests.test_hooks_support import CASE_SCHEMA, Base, Case
 

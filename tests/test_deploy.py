@@ -28,8 +28,9 @@ import pytest
 import yaml
 from sqlalchemy import Engine, select
 
-from outbox import settings, table
-from outbox.cli import build_parser
+from outbox.cli import settings
+from outbox.cli.main import build_parser
+from outbox.store import table
 from tests.docblocks import code_blocks, outbox_argv, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]

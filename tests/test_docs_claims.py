@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy import create_engine
 
-from outbox import migrate
-from outbox.database import create_outbox_engine
+from outbox.store import migrate
+from outbox.store.engine import create_outbox_engine
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import free_port, get, publish_events, relay_values, running_relay, wait_for
 

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import yaml
 
-from outbox.cli import build_parser
+from outbox.cli.main import build_parser
 from tests.docblocks import code_blocks, outbox_argv, shell_commands
 
 PAGES = ("deployment.md", "kubernetes.md", "operations.md")

@@ -15,9 +15,10 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import codec, table, validation
-from outbox.envelope import Action, Envelope, ResourceReference
+from outbox.envelope import codec, validation
+from outbox.envelope.model import Action, Envelope, ResourceReference
 from outbox.errors import ContentEncodingError, EnvelopeError
+from outbox.store import table
 
 SCHEMA = "https://example.org/schemas/case.json"
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox import fastcheck, validation
+from outbox.envelope import fastcheck, validation
 from outbox.errors import EnvelopeError
 
 json_scalars = st.one_of(

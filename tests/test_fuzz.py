@@ -23,15 +23,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, insert, select
 
-from outbox import migrate, table
-from outbox import settings as config
-from outbox.database import create_outbox_engine
-from outbox.envelope import Envelope
+from outbox.cli import settings as config
+from outbox.envelope.model import Envelope
+from outbox.envelope.validation import check_envelope
 from outbox.errors import ConfigurationError, EnvelopeError, OutboxError
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings, parse_payload
-from outbox.store import SqlStore
-from outbox.validation import check_envelope
+from outbox.relay.loop import Relay, RelaySettings, parse_payload
+from outbox.relay.publisher import open_publisher
+from outbox.store import migrate, table
+from outbox.store.engine import create_outbox_engine
+from outbox.store.sqlstore import SqlStore
 
 # Nested just below json's own depth limit, so that they decode and reach the validator.
 DEEP_CONTENT = (

@@ -11,9 +11,9 @@ from sqlalchemy import Engine, Integer, delete, event, insert, select, text, upd
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import outbox
-from outbox.database import create_outbox_engine
 from outbox.errors import BulkChangeError, ResourceContentError
-from outbox.registry import SchemaRegistry
+from outbox.schemas.registry import SchemaRegistry
+from outbox.store.engine import create_outbox_engine
 from tests.conftest import create_database, drop_database, pg_url
 from tests.test_hooks_support import (
     CASE_SCHEMA,

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 import outbox
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.publisher import open_publisher
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 from tests.test_hooks_support import Base, Case, CaseNote
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import outbox
-from outbox import table
+from outbox.store import table
 
 CASE_SCHEMA = "https://example.org/schemas/case.json"
 TASK_SCHEMA = "https://example.org/schemas/task.json"

@@ -9,11 +9,11 @@ from contextlib import contextmanager
 import pytest
 from sqlalchemy import Engine
 
-from outbox import health
-from outbox.database import create_outbox_engine
 from outbox.errors import ConfigurationError
-from outbox.http import Check, Exposition, HealthServer
-from outbox.metrics import PrometheusObserver
+from outbox.ops import health
+from outbox.ops.http import Check, Exposition, HealthServer
+from outbox.ops.metrics import PrometheusObserver
+from outbox.store.engine import create_outbox_engine
 from tests.conftest import pg_url
 from tests.ops_support import (
     closed_port_url,
@@ -72,7 +72,7 @@ def test_readyz_fails_until_the_schema_is_migrated(empty_pg_database: str) -> No
             status, body = get(server.port, "/readyz")
             assert status == 503
             assert "outbox migrate" in json.loads(body)["detail"]
-            from outbox import migrate
+            from outbox.store import migrate
 
             migrate.upgrade(engine)
             status, body = get(server.port, "/readyz")

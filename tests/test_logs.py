@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine
 
-from outbox.logformat import JsonFormatter, TextFormatter
 from outbox.logs import emit
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.ops.logformat import JsonFormatter, TextFormatter
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.publisher import open_publisher
+from outbox.store.sqlstore import SqlStore
 from tests.ops_support import free_port, insert_invalid_row, publish_events
 
 

@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client.exposition import generate_latest
 from sqlalchemy import Engine
 
-from outbox.metrics import PrometheusObserver, refresh_table_gauges
-from outbox.store import SqlStore
+from outbox.ops.metrics import PrometheusObserver, refresh_table_gauges
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import (
     free_port,

@@ -23,8 +23,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, Identity, func, inspect, make_url, select, text
 
-from outbox import health, migrate, table
-from outbox.database import create_outbox_engine
+from outbox.ops import health
+from outbox.store import migrate, table
+from outbox.store.engine import create_outbox_engine
 from tests.conftest import pg_url
 from tests.docblocks import code_blocks
 from tests.ops_support import (

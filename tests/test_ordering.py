@@ -26,9 +26,9 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.publisher import open_publisher
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 
 SCHEMA = "https://example.org/schemas/case.json"

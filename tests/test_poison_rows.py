@@ -26,12 +26,14 @@ from sqlalchemy import Connection, Engine, Text, cast, select, text
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import limits, logformat, ordering, table
+from outbox.envelope import limits, ordering
 from outbox.errors import EnvelopeError, UnsendableEventError
-from outbox.producer import ProducerOptions
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.ops import logformat
+from outbox.producer.publish import ProducerOptions
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.publisher import open_publisher
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 
 SCHEMA = "https://example.org/schemas/case.json"

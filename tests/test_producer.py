@@ -11,8 +11,9 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import ordering, table
-from outbox.envelope import Envelope, ResourceReference
+from outbox.envelope import ordering
+from outbox.envelope.model import Envelope, ResourceReference
+from outbox.store import table
 
 SCHEMA = "https://example.org/schemas/case.json"
 

@@ -19,8 +19,8 @@ from typing import Any
 import kombu
 import pytest
 
-from outbox.database import create_outbox_engine
-from outbox.store import SqlStore
+from outbox.store.engine import create_outbox_engine
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import pg_url
 from tests.docblocks import code_blocks
 

@@ -32,12 +32,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from outbox import database, redaction
-from outbox import settings as config
-from outbox.cli import main
+from outbox import redaction
+from outbox.cli import settings as config
+from outbox.cli.main import main
 from outbox.errors import ConfigurationError
-from outbox.logformat import configure
+from outbox.ops.logformat import configure
 from outbox.redaction import MASK, MIN_SECRET_LENGTH, redact
+from outbox.store import engine as database
 from tests.conftest import AMQP_URL
 from tests.ops_support import free_port, publish_events
 

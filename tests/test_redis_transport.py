@@ -35,10 +35,10 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox.message import OutgoingMessage
-from outbox.publisher import KombuPublisher, open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.message import OutgoingMessage
+from outbox.relay.publisher import KombuPublisher, open_publisher
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import _unavailable, drain_queue
 from tests.test_ordering import count_commit, setup_commit_log
 

@@ -14,14 +14,14 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
-from outbox import table
-from outbox.cli import main
+from outbox.cli.main import main
+from outbox.cli.runner import build_relay
 from outbox.errors import ContentValidationError, SchemaError
-from outbox.publisher import open_publisher
-from outbox.registry import SchemaRegistry, content_validator, relay_hooks
-from outbox.relay import Relay, RelaySettings
-from outbox.runner import build_relay
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.publisher import open_publisher
+from outbox.schemas.registry import SchemaRegistry, content_validator, relay_hooks
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 
 CASE_URI = "https://example.org/schemas/case"
@@ -251,7 +251,7 @@ def test_unregistered_uri_is_accepted_and_logged_once_or_refused_when_strict(
     unknown = "https://example.org/schemas/unknown"
     sessions = factory(pg_engine, schemas=registry)
     with (
-        caplog.at_level(logging.WARNING, logger="outbox.registry"),
+        caplog.at_level(logging.WARNING, logger="outbox.schemas.registry"),
         sessions() as session,
         session.begin(),
     ):
@@ -405,8 +405,8 @@ def test_schema_errors_are_outbox_errors() -> None:
 
 
 def test_database_errors_become_store_errors(empty_pg_database: str) -> None:
-    from outbox.database import create_outbox_engine
     from outbox.errors import SchemaNotMigrated, StoreUnavailable
+    from outbox.store.engine import create_outbox_engine
     from tests.conftest import pg_url
 
     unmigrated = create_outbox_engine(pg_url(empty_pg_database))

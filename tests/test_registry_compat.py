@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from outbox.errors import SchemaError
-from outbox.registry import SchemaRegistry
+from outbox.schemas.registry import SchemaRegistry
 
 URI = "https://example.org/schemas/case"
 

@@ -11,7 +11,7 @@ import kombu
 import pytest
 from sqlalchemy import Engine
 
-from outbox.cli import main
+from outbox.cli.main import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "schemas.md"
 BLOCK = re.compile(r"(?:<!-- file: (?P<file>\S+) -->\n)?```(?P<lang>\w+)\n(?P<code>.*?)```", re.S)

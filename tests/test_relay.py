@@ -21,11 +21,12 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import ordering, table, validation
-from outbox.message import OutgoingMessage
-from outbox.publisher import Publisher, PublishResult, open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.envelope import ordering, validation
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.message import OutgoingMessage
+from outbox.relay.publisher import Publisher, PublishResult, open_publisher
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 from tests.ops_support import insert_invalid_row
 

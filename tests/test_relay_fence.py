@@ -12,12 +12,12 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import table
-from outbox.database import create_outbox_engine
-from outbox.message import build_message
-from outbox.publisher import CONNECTION, AmqpPublisher, open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import EventRow, SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.message import build_message
+from outbox.relay.publisher import CONNECTION, AmqpPublisher, open_publisher
+from outbox.store import table
+from outbox.store.engine import create_outbox_engine
+from outbox.store.sqlstore import EventRow, SqlStore
 from tests.conftest import drain_queue
 
 SCHEMA = "https://example.org/schemas/case.json"

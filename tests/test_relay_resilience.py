@@ -24,12 +24,12 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import table
 from outbox.errors import ConfigurationError
-from outbox.observer import RelayObserver
-from outbox.publisher import NACKED, RETURNED, open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.observer import RelayObserver
+from outbox.relay.publisher import NACKED, RETURNED, open_publisher
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import run_cli, versions_of
 

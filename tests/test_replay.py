@@ -8,13 +8,13 @@ import kombu
 import pytest
 from sqlalchemy import Engine
 
-from outbox.admin import AdminStore
 from outbox.errors import PublishError
-from outbox.progress import Progress
-from outbox.publisher import open_publisher
-from outbox.relay import Relay
-from outbox.replay import ReplaySelection, replay
-from outbox.store import SqlStore
+from outbox.ops.progress import Progress
+from outbox.relay.loop import Relay
+from outbox.relay.publisher import open_publisher
+from outbox.relay.replay import ReplaySelection, replay
+from outbox.store.admin import AdminStore
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import publish_events, run_cli, versions_of
 

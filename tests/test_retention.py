@@ -6,13 +6,13 @@ import kombu
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, func, select, update
 
-from outbox import table
-from outbox.operations import start_operations
-from outbox.publisher import open_publisher
-from outbox.relay import Relay
-from outbox.retention import purge_delivered, retention_seconds
-from outbox.runner import relay_settings
-from outbox.store import SqlStore
+from outbox.cli.runner import relay_settings
+from outbox.ops.operations import start_operations
+from outbox.ops.retention import purge_delivered, retention_seconds
+from outbox.relay.loop import Relay
+from outbox.relay.publisher import open_publisher
+from outbox.store import table
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import insert_invalid_row, publish_events, relay_values, versions_of
 

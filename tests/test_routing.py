@@ -21,15 +21,15 @@ from sqlalchemy import Engine, Integer, String, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import outbox
-from outbox import migrate, table
-from outbox.amqpframes import PublishEncoder
-from outbox.database import create_outbox_engine
 from outbox.errors import ConfigurationError, ResourceContentError, UnsendableEventError
-from outbox.hooks_model import Destination
-from outbox.message import OutgoingMessage
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.producer.models import Destination
+from outbox.relay.frames import PublishEncoder
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.message import OutgoingMessage
+from outbox.relay.publisher import open_publisher
+from outbox.store import migrate, table
+from outbox.store.engine import create_outbox_engine
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
 from tests.test_replay import cli as replay_cli
 

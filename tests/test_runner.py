@@ -1,4 +1,4 @@
-"""The relay process's own jobs (outbox.runner), against a real PostgreSQL."""
+"""The relay process's own jobs (outbox.cli.runner), against a real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import pytest
 from sqlalchemy import Engine
 
+from outbox.cli.runner import _report_backlog, build_relay
 from outbox.logs import FIELDS_ATTR
-from outbox.runner import _report_backlog, build_relay
 from tests.ops_support import publish_events, relay_values
 
 

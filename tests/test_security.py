@@ -15,14 +15,14 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import migrate
-from outbox.cli import main
-from outbox.cli_deploy import quote_identifier, relay_role_statements
-from outbox.database import create_outbox_engine
+from outbox.cli.deploy import quote_identifier, relay_role_statements
+from outbox.cli.main import main
 from outbox.errors import ConfigurationError, StoreError
-from outbox.publisher import open_publisher
-from outbox.relay import Relay, RelaySettings
-from outbox.store import SqlStore
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.publisher import open_publisher
+from outbox.store import migrate
+from outbox.store.engine import create_outbox_engine
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import PG_ADMIN_URL, drain_queue, pg_url
 
 SCHEMA = "https://example.org/schemas/case.json"
@@ -137,7 +137,7 @@ def test_migrate_as_the_relay_role_is_refused(empty_pg_database: str, relay_role
 
 
 def migrate_or_store_error(engine: Engine) -> None:
-    from outbox.cli import as_store_error
+    from outbox.cli.common import as_store_error
 
     try:
         migrate.upgrade(engine)
@@ -160,7 +160,7 @@ def test_role_names_are_quoted_in_the_grants() -> None:
 def test_security_page_shows_the_shipped_grants() -> None:
     root = Path(__file__).resolve().parents[1]
     page = (root / "docs" / "security.md").read_text("utf-8")
-    shipped = (root / "outbox" / "sql" / "relay_role.sql").read_text("utf-8")
+    shipped = (root / "outbox" / "store" / "sql" / "relay_role.sql").read_text("utf-8")
     grants = [line for line in shipped.splitlines() if line.startswith("GRANT ")]
     block = page.split("```sql\n", 1)[1].split("```", 1)[0]
     assert block.splitlines() == grants

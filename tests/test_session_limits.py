@@ -22,14 +22,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import pgfast, table
-from outbox.database import create_outbox_engine, normalize_url
-from outbox.dbsession import relay_connect_args, session_limits
+from outbox.cli.runner import build_relay
 from outbox.errors import StoreUnavailable
-from outbox.listener import NotifyListener
-from outbox.relay import Relay, Wakeup
-from outbox.runner import build_relay
-from outbox.store import SqlStore
+from outbox.relay.listener import NotifyListener
+from outbox.relay.loop import Relay, Wakeup
+from outbox.store import pgfast, table
+from outbox.store.engine import create_outbox_engine, normalize_url
+from outbox.store.session import relay_connect_args, session_limits
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import pg_url
 
 SCHEMA = "https://example.org/schemas/case.json"

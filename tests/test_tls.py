@@ -34,12 +34,12 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import settings as config
-from outbox.cli import EXIT_ERROR, main
-from outbox.database import create_outbox_engine
+from outbox.cli import settings as config
+from outbox.cli.main import EXIT_ERROR, main
+from outbox.cli.runner import build_relay
 from outbox.errors import BrokerUnavailable
-from outbox.publisher import AmqpPublisher, tls_options
-from outbox.runner import build_relay
+from outbox.relay.publisher import AmqpPublisher, tls_options
+from outbox.store.engine import create_outbox_engine
 from tests.conftest import AMQP_URL, drain_queue
 
 SCHEMA = "https://example.org/schemas/case.json"

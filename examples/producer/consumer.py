@@ -10,7 +10,7 @@ import logging
 
 import kombu
 
-from outbox import settings
+from outbox.cli import settings
 
 log = logging.getLogger("example.consumer")
 

@@ -23,8 +23,8 @@ from sqlalchemy import Engine, String, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import outbox
-from outbox import settings
-from outbox.database import create_outbox_engine, redact
+from outbox.cli import settings
+from outbox.store.engine import create_outbox_engine, redact
 
 SCHEMA = "https://example.org/schemas/case.json"
 STATUSES = ("open", "in progress", "waiting", "closed")

@@ -29,8 +29,8 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-from outbox.database import create_outbox_engine
-from outbox.dbsession import session_limits
+from outbox.store.engine import create_outbox_engine
+from outbox.store.session import session_limits
 from tests.conftest import pg_url
 from tests.faults import harness
 from tests.faults.conftest import SUMMARY

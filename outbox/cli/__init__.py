@@ -1,0 +1,1 @@
+"""The ``outbox`` command: settings, sub-commands, and the composition of a running relay."""

@@ -1,0 +1,1 @@
+"""Running the relay in production: metrics, health, HTTP, logs, retention, checks."""

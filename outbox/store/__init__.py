@@ -1,0 +1,9 @@
+"""The outbox tables and everything that reads or writes them.
+
+The relay sees the store through :class:`~outbox.store.sqlstore.SqlStore`;
+driver errors become the outbox's own in :mod:`outbox.store.driver_errors`.
+"""
+
+from outbox.store.sqlstore import EventRow, Lease, SqlStore
+
+__all__ = ["EventRow", "Lease", "SqlStore"]

@@ -1,0 +1,132 @@
+"""The relay's hot queries on PostgreSQL, run on the psycopg connection directly.
+
+:class:`outbox.store.SqlStore` builds every other query with SQLAlchemy; these
+two run once per batch and carry its rows, where SQLAlchemy's result layer
+costs several times the query itself. So, on the same pooled connection and
+inside the store's transaction:
+
+- marking and fetching go to the server in one round trip (psycopg pipeline
+  mode), in one transaction: the fetch sees the mark, so rows just marked
+  need no exclusion;
+- both are server-side prepared statements taking arrays
+  (``position = ANY(%s)``), so their text never changes with the batch size;
+- rows come back as :class:`~outbox.store.EventRow` straight from psycopg's
+  row factory.
+
+The mark's transaction commits with ``synchronous_commit = off``: the relay
+does not wait for the WAL flush. Should PostgreSQL crash within that instant,
+the mark is lost, those rows are still pending and get published again with
+their message ids: a duplicate, which at-least-once delivery already allows,
+never a loss or a reordering. The producer's transactions are unaffected.
+
+Ownership fence: with ``owner`` set, the fetch returns rows only while
+``owner`` still holds every requested partition by a lease that has not
+expired by the database's clock, checked in the same statement; a relay that
+lost a partition gets nothing until its next rebalance tells it what it owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from psycopg.rows import args_row
+
+_COLUMNS = (
+    "position, event_id, ordering_key, partition, routing_key, resource_type, "
+    "payload, headers::text, schema_version, created_at, attempts, exchange"
+)
+# A schema before revision outbox_0003 (no exchange column): the relay's exchange for all.
+_COLUMNS_BEFORE_0003 = _COLUMNS.replace(", exchange", ", NULL::text AS exchange")
+_HELD = (
+    "NOT EXISTS (SELECT FROM outbox_event AS dead WHERE dead.state = 'dead'"
+    " AND dead.ordering_key = e.ordering_key AND dead.position < e.position)"
+)
+# skip_keys: keys the relay holds back itself (no queue bound for their next event).
+FETCH = (
+    f"SELECT {_COLUMNS} FROM outbox_event AS e"
+    " WHERE e.state = 'pending' AND e.partition = ANY(%(partitions)s::smallint[])"
+    " AND e.position <> ALL(%(exclude)s::bigint[])"
+    " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
+    f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
+)
+FETCH_OWNED = (
+    f"SELECT {_COLUMNS} FROM outbox_event AS e"
+    " WHERE e.state = 'pending' AND e.partition = ANY(%(partitions)s::smallint[])"
+    " AND e.position <> ALL(%(exclude)s::bigint[])"
+    " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
+    # Evaluated once per query (an InitPlan), so the plan above stays the
+    # pending-index scan: all requested partitions still leased, or no rows.
+    " AND (SELECT array_agg(p.partition) FROM outbox_partition AS p"
+    "  WHERE p.owner = %(owner)s AND p.lease_expires_at > now())"
+    "  @> %(partitions)s::smallint[]"
+    f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
+)
+FETCH_BEFORE_0003 = FETCH.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
+FETCH_OWNED_BEFORE_0003 = FETCH_OWNED.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
+MARK = (
+    "UPDATE outbox_event SET state = 'delivered', delivered_at = now(),"
+    " attempts = attempts + 1, last_error = NULL"
+    " WHERE position = ANY(%(positions)s::bigint[]) AND state = 'pending'"
+)
+MARK_DELETE = (
+    "DELETE FROM outbox_event WHERE position = ANY(%(positions)s::bigint[]) AND state = 'pending'"
+)
+ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+
+
+def mark_and_fetch(
+    connection: Any,
+    *,
+    row_class: type[Any],
+    mark: Sequence[int],
+    partitions: Sequence[int],
+    limit: int,
+    exclude: Collection[int],
+    owner: str | None,
+    delete_rows: bool,
+    prepare: bool = True,
+    skip_keys: Sequence[str] = (),
+    row_exchanges: bool = True,
+) -> tuple[int, list[Any]]:
+    """Mark ``mark`` delivered, then fetch; returns (rows marked, rows fetched).
+
+    ``connection`` is a psycopg connection inside an open transaction, which
+    is committed in the same round trip (the caller's commit is then a no-op).
+    """
+
+    marked = 0
+    with connection.pipeline():
+        mark_cursor = connection.cursor()
+        if mark:
+            connection.cursor().execute(ASYNC_COMMIT)
+            mark_cursor.execute(
+                MARK_DELETE if delete_rows else MARK, {"positions": list(mark)}, prepare=prepare
+            )
+        # The columns in the order of the row class's fields: built positionally.
+        fetch_cursor = connection.cursor(row_factory=args_row(row_class))
+        fetched = False
+        if partitions and limit > 0:
+            params: dict[str, Any] = {
+                "partitions": list(partitions),
+                "exclude": list(exclude),
+                "skip_keys": list(skip_keys),
+                "limit": limit,
+            }
+            if owner is not None:
+                params["owner"] = owner
+            if row_exchanges:
+                query = FETCH if owner is None else FETCH_OWNED
+            else:
+                query = FETCH_BEFORE_0003 if owner is None else FETCH_OWNED_BEFORE_0003
+            fetch_cursor.execute(query, params, prepare=prepare)
+            fetched = True
+        # No window in which a relay frozen after the round trip sits idle in
+        # the transaction holding the mark's row locks: the server would not
+        # end it, since psycopg closes a pipeline with Sync then Flush, and the
+        # Flush disarms idle_in_transaction_session_timeout (outbox.store.session).
+        connection.cursor().execute("COMMIT")
+    if mark:
+        marked = mark_cursor.rowcount
+    rows: list[Any] = fetch_cursor.fetchall() if fetched else []
+    return marked, rows
