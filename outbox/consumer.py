@@ -11,11 +11,13 @@ the message id in ``outbox_inbox`` in the same transaction as the handler's
 own writes, and acknowledges the message only after that transaction
 committed. A message redelivered after a crash between commit and ack finds
 its id already recorded and is acknowledged without running the handler again.
+The consumer creates no table: ``outbox migrate``, run against the consumer's
+database, creates ``outbox_inbox``; without it, processing raises
+:class:`~outbox.errors.SchemaNotMigrated` saying so.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,14 +25,17 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from outbox.envelope import validation
+from outbox.envelope.jsontext import parse_json
 from outbox.envelope.model import Action, Envelope, ResourceReference
-from outbox.errors import EnvelopeError, OutboxError
+from outbox.errors import EnvelopeError, OutboxError, SchemaNotMigrated
 from outbox.logs import emit
 from outbox.schemas.registry import SchemaRegistry, avro_module
 from outbox.store import table
+from outbox.store.driver_errors import store_error
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +110,7 @@ def decode(
             content_type=str(content_type),
         )
     try:
-        data = json.loads(body)
+        data = parse_json(body)
     except ValueError as exc:
         raise EnvelopeError(f"message body is not JSON: {exc}") from None
     validation.check_envelope(data)
@@ -172,9 +177,24 @@ def _int_or_none(value: Any) -> int | None:
 # -- processing each message once ------------------------------------------------------
 
 
+_INBOX_MISSING = (
+    f"the inbox table {table.inbox.name} does not exist in this database: run `outbox "
+    "migrate` against it (--database-url or OUTBOX_DATABASE_URL naming the consumer's "
+    "database), or add the outbox migrations to its Alembic history (docs/quickstart.md)"
+)
+
+
 def create_inbox_table(engine: Engine) -> None:
-    """Create ``outbox_inbox`` in a consumer's database (``outbox migrate`` also does)."""
-    table.inbox.create(engine, checkfirst=True)
+    """Bring ``engine``'s database to the outbox migrations' head, as ``outbox migrate`` does.
+
+    The inbox is created by those migrations, with the other outbox tables
+    (empty in a consumer's database); a release that made the table here is
+    taken over as it is. Prefer running ``outbox migrate`` where the service
+    runs its own migrations: it is the same.
+    """
+    from outbox.store import migrate  # Alembic, only when asked for
+
+    migrate.upgrade(engine)
 
 
 def claim(connection: Connection, consumer: str, message_id: str) -> bool:
@@ -192,8 +212,13 @@ def claim(connection: Connection, consumer: str, message_id: str) -> bool:
         statement = sqlite.insert(table.inbox).values(values).on_conflict_do_nothing()
     else:
         raise OutboxError(f"the inbox supports PostgreSQL and SQLite, not {dialect}")
-    # RETURNING, not rowcount: some drivers report -1 for INSERT ... ON CONFLICT.
-    inserted = connection.execute(statement.returning(table.inbox.c.message_id)).first()
+    try:
+        # RETURNING, not rowcount: some drivers report -1 for INSERT ... ON CONFLICT.
+        inserted = connection.execute(statement.returning(table.inbox.c.message_id)).first()
+    except DBAPIError as exc:
+        if isinstance(store_error(exc), SchemaNotMigrated):
+            raise SchemaNotMigrated(_INBOX_MISSING) from exc
+        raise
     return inserted is not None
 
 
@@ -209,7 +234,9 @@ class IdempotentConsumer:
     ``on_message`` handler (``kombu.Consumer(queue, on_message=c.handle_message)``;
     ``on_message`` is the ``callbacks=[...]`` form): it acks after commit,
     rejects an undecodable message without requeue (so a dead-letter exchange
-    gets it), and requeues one whose handler failed.
+    gets it), and requeues one whose handler failed. Without the inbox table
+    (``outbox migrate`` creates it), it requeues the message and raises
+    :class:`~outbox.errors.SchemaNotMigrated`: no message can be processed.
     """
 
     def __init__(
@@ -273,6 +300,9 @@ class IdempotentConsumer:
             return
         try:
             handled = self.process(event)
+        except SchemaNotMigrated:
+            message.requeue()
+            raise  # no message can be processed before the inbox exists
         except Exception:
             log.exception("consumer %s failed on message %s; requeued", self.name, event.message_id)
             message.requeue()

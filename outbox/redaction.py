@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import Self
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 MIN_SECRET_LENGTH = 4
@@ -304,3 +305,23 @@ def redact_error(message: str, url: str) -> str:
 def is_keyword_dsn(text: str) -> bool:
     """Whether ``text`` is a libpq keyword/value string rather than a URL."""
     return _URL_START.match(text.strip()) is None and _KEYWORD_DSN.match(text) is not None
+
+
+class SecretUrl(str):
+    """The value of a secret setting (a URL with a password, a list of them, a libpq string).
+
+    It is the string itself wherever a string goes (an engine, a broker
+    connection, an f-string), but its ``repr()`` is redacted, so that an object
+    holding one, such as the CLI's settings, can be printed or logged whole.
+    Its passwords are registered when it is made, as those of every resolved
+    secret setting are.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: str) -> Self:
+        register_secrets_in(value)
+        return super().__new__(cls, value)
+
+    def __repr__(self) -> str:
+        return repr(redact(str(self)))

@@ -37,14 +37,15 @@ def closed_port_url() -> str:
     return f"amqp://guest:guest@127.0.0.1:{free_port()}//"
 
 
-def relay_values(**overrides: str) -> dict[str, Any]:
+def relay_values(**overrides: str) -> settings.Settings:
+    """The settings of `outbox relay` given these flags and no environment."""
     raw = {"poll_interval": "0.1", "metrics_interval": "0.2", "http_host": "127.0.0.1"}
     raw.update(overrides)
-    return settings.resolve(raw, "relay", environ={})
+    return settings.load(raw, "relay", environ={})
 
 
 @contextmanager
-def running_relay(values: dict[str, Any]) -> Iterator[threading.Thread]:
+def running_relay(values: settings.Settings) -> Iterator[threading.Thread]:
     stop = threading.Event()
     errors: list[BaseException] = []
 

@@ -282,7 +282,7 @@ def test_demo_runs_without_servers(tmp_path: Path) -> None:
 
 
 def test_stdout_holds_only_the_command_output(pg_url_fixture: str, tmp_path: Path) -> None:
-    """Log records go to stderr (issue 12: `schemas register` printed one to stdout)."""
+    """Log records go to stderr (`schemas register` once printed one to stdout)."""
     uri = "https://example.org/schemas/stdout-case.json"
     schema = tmp_path / "case.json"
     schema.write_text(json.dumps({"$id": uri, "type": "object"}))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from outbox.cli.runner import ce_source, ce_type_prefix
+from outbox.cli.settings import ce_source, ce_type_prefix
 from outbox.envelope import validation
 from outbox.relay.message import ENVELOPE_SCHEMA_URI, build_message, type_namespace
 from outbox.store.sqlstore import EventRow

@@ -4,8 +4,9 @@ bodies, validation, and an idempotent consumer surviving a redelivery."""
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,14 @@ from outbox.consumer import (
     decode,
     decode_message,
 )
-from outbox.errors import ContentValidationError, EnvelopeError
+from outbox.errors import ContentValidationError, EnvelopeError, SchemaNotMigrated
 from outbox.relay.loop import Relay
 from outbox.relay.publisher import open_publisher
 from outbox.schemas.registry import SchemaRegistry, relay_hooks
-from outbox.store import table
+from outbox.store import migrate, table
+from outbox.store.engine import create_outbox_engine
 from outbox.store.sqlstore import SqlStore
-from tests.conftest import drain_queue
+from tests.conftest import drain_queue, pg_url
 
 CASE_URI = "https://example.org/schemas/case"
 CASE_SCHEMA: dict[str, Any] = {
@@ -403,3 +405,59 @@ def test_the_inbox_works_on_sqlite(sqlite_engine: Engine) -> None:
         assert claim(connection, "c", "m-1") is False
     with sqlite_engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(table.inbox)).scalar_one() == 1
+
+
+class FakeMessage:
+    """What handle_message needs of a kombu message."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.headers: dict[str, Any] = {}
+        self.content_type = "application/json"
+        self.properties = {"message_id": "m-1"}
+        self.outcome = ""
+
+    def ack(self) -> None:
+        self.outcome = "acked"
+
+    def requeue(self) -> None:
+        self.outcome = "requeued"
+
+    def reject(self, requeue: bool) -> None:
+        self.outcome = f"rejected (requeue={requeue})"
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def unmigrated_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A consumer's database where `outbox migrate` never ran."""
+    if request.param == "postgresql":
+        database = request.getfixturevalue("empty_pg_database")
+        engine = create_outbox_engine(pg_url(database))
+    else:
+        engine = create_outbox_engine(f"sqlite:///{tmp_path / 'consumer.db'}")
+    yield engine
+    engine.dispose()
+
+
+def test_a_missing_inbox_table_says_how_to_create_it(unmigrated_engine: Engine) -> None:
+    handled: list[ReceivedEvent] = []
+    consumer = IdempotentConsumer(
+        unmigrated_engine, "billing", lambda connection, event: handled.append(event)
+    )
+    body = json.dumps(
+        {"action": "create", "resource": {"schema": CASE_URI, "content": {"tenantId": 1, "id": 1}}}
+    )
+    message = FakeMessage(body.encode("utf-8"))
+    fix = "outbox_inbox does not exist in this database: run `outbox migrate` against it"
+    with pytest.raises(SchemaNotMigrated, match=re.escape(fix)):
+        consumer.handle_message(message)
+    assert message.outcome == "requeued"  # kept for when the table exists
+    assert handled == []
+    with unmigrated_engine.connect() as connection, pytest.raises(SchemaNotMigrated):
+        claim(connection, "billing", "m-1")
+
+    create_inbox_table(unmigrated_engine)  # the same as `outbox migrate`
+    assert migrate.current_revision(unmigrated_engine) == migrate.head_revision(unmigrated_engine)
+    consumer.handle_message(message)
+    assert message.outcome == "acked"
+    assert [event.message_id for event in handled] == ["m-1"]

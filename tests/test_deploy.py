@@ -307,7 +307,7 @@ def unreadable_secrets(pod: dict[str, Any]) -> list[str]:
 
 
 def test_the_readability_check_finds_a_secret_only_root_may_read() -> None:
-    """The migration Job of issue 12: mode 0400, runAsUser 10001, no fsGroup."""
+    """The migration Job: mode 0400, runAsUser 10001, no fsGroup."""
     job = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
         "initContainers": [

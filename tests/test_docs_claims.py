@@ -1,5 +1,5 @@
 """What the operations and quickstart pages say the relay and SQLAlchemy do, checked
-against what they do (issue 12: the /readyz row promised a 503 the relay never
+against what they do (the /readyz row promised a 503 the relay never
 served, and the quickstart's note on `postgresql://` predates SQLAlchemy 2.1)."""
 
 from __future__ import annotations

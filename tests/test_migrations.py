@@ -124,6 +124,26 @@ def test_migrations_equal_the_metadata_and_downgrade_removes_everything(
     assert _diff(engine) == []
 
 
+def test_migrate_takes_over_an_inbox_that_a_consumer_created_at_run_time(
+    empty_engine: Engine,
+) -> None:
+    """Earlier releases' create_inbox_table made outbox_inbox without the migrations."""
+    engine = empty_engine
+    table.inbox.create(engine)  # what create_inbox_table did then
+    with engine.begin() as connection:
+        connection.execute(table.inbox.insert().values(consumer="billing", message_id="m-1"))
+
+    migrate.upgrade(engine)
+
+    assert _tables(engine) == OUTBOX_TABLES | {migrate.VERSION_TABLE}
+    assert _diff(engine) == []
+    with engine.connect() as connection:
+        kept = connection.execute(select(table.inbox.c.consumer, table.inbox.c.message_id)).all()
+    assert [tuple(row) for row in kept] == [("billing", "m-1")]
+    migrate.downgrade(engine)
+    assert _tables(engine) & OUTBOX_TABLES == set()
+
+
 def test_the_diff_check_catches_a_drift(empty_pg_engine: Engine) -> None:
     """The comparison above can fail: a missing index is reported."""
     migrate.upgrade(empty_pg_engine)

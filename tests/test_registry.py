@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import outbox
+from outbox.cli import settings as config
 from outbox.cli.main import main
 from outbox.cli.runner import build_relay
 from outbox.errors import ContentValidationError, SchemaError
@@ -388,7 +389,7 @@ def test_runner_wires_validation_behind_its_settings(pg_url_fixture: str, amqp_u
         ({}, True, True),
         ({"validate_content": False, "body_format": "json"}, False, False),
     ]:
-        relay = build_relay({**values, **overrides})
+        relay = build_relay(config.load({**values, **overrides}, "relay", environ={}))
         try:
             assert (relay.content_validator is not None) is validator
             assert (relay.body_encoder is not None) is encoder

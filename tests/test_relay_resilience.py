@@ -247,7 +247,7 @@ def test_unroutable_retries_back_off_and_log_once(
         SqlStore(pg_engine),
         open_publisher(amqp_url, exchange_name),
         RelaySettings(poll_interval=0.01, backoff_initial=0.05, backoff_max=0.4),
-        observer=clock,
+        observers=[clock],
     )
     run_for(relay, 2.5, caplog, "INFO")
     moments = [t for t, kind in clock.failures if kind == RETURNED]
@@ -279,7 +279,7 @@ def test_an_unreachable_broker_is_retried_with_growing_delays(
         SqlStore(pg_engine),
         open_publisher(closed_port_url(), "outbox"),
         RelaySettings(poll_interval=0.01, backoff_initial=0.05, backoff_max=0.4),
-        observer=clock,
+        observers=[clock],
     )
     run_for(relay, 2.5, caplog, "DEBUG")
     gaps = _gaps(clock.disconnects)
@@ -331,7 +331,7 @@ def test_nacks_in_mid_wave_keep_first_arrivals_of_every_key_in_commit_order(
         SqlStore(pg_engine),
         open_publisher(amqp_url, exchange_name),
         RelaySettings(poll_interval=0.01, backoff_initial=0.01, backoff_max=0.02),
-        observer=clock,
+        observers=[clock],
     )
     arrivals: list[tuple[str, str]] = []
     stop = threading.Event()
@@ -409,7 +409,7 @@ def test_max_attempts_marks_a_nacked_event_dead_and_holds_its_key(
         SqlStore(pg_engine),
         open_publisher(amqp_url, exchange_name),
         RelaySettings(max_attempts=3, backoff_initial=0.01, backoff_max=0.02),
-        observer=clock,
+        observers=[clock],
     )
     relay.drain(timeout=20)
     dead = row_of(pg_engine, first)

@@ -6,9 +6,8 @@ import kombu
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, func, select, update
 
-from outbox.cli.runner import relay_settings
 from outbox.ops.operations import start_operations
-from outbox.ops.retention import purge_delivered, retention_seconds
+from outbox.ops.retention import purge_delivered
 from outbox.relay.loop import Relay
 from outbox.relay.publisher import open_publisher
 from outbox.store import table
@@ -59,7 +58,7 @@ def test_zero_retention_deletes_rows_on_delivery(
         exchange=exchange_name,
         retention="0",
     )
-    settings = relay_settings(values)
+    settings = values.relay
     assert settings.delete_on_delivery
     publish_events(pg_engine, 7, range(1, 4))
     relay = Relay(SqlStore(pg_engine), open_publisher(amqp_url, exchange_name), settings)
@@ -69,12 +68,13 @@ def test_zero_retention_deletes_rows_on_delivery(
 
 
 def test_retention_setting_and_scheduled_jobs(pg_database: str, pg_engine: Engine) -> None:
-    assert retention_seconds(relay_values()) == 7 * 86400  # the default, 7d
-    assert retention_seconds(relay_values(retention="12h")) == 43200
-    assert not relay_settings(relay_values()).delete_on_delivery
+    assert relay_values().operations.retention == 7 * 86400  # the default, 7d
+    assert relay_values(retention="12h").operations.retention == 43200
+    assert not relay_values().relay.delete_on_delivery
     values = relay_values(database_url=pg_url(pg_database), broker_url="amqp://127.0.0.1:1//")
-    relay = Relay(SqlStore(pg_engine), open_publisher(values["broker_url"], "x"))
+    assert values.broker.url is not None
+    relay = Relay(SqlStore(pg_engine), open_publisher(values.broker.url, "x"))
     scheduler = BackgroundScheduler()
-    operations = start_operations(values, relay, scheduler)
+    operations = start_operations(values.operations, relay, scheduler)
     assert {job.id for job in scheduler.get_jobs()} == {"table_gauges", "retention"}
     assert operations.server is None  # no --http-port

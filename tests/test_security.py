@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from outbox.relay.loop import Relay, RelaySettings
 from outbox.relay.publisher import open_publisher
 from outbox.store import migrate
 from outbox.store.engine import create_outbox_engine
+from outbox.store.privileges import RELAY_PRIVILEGES
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import PG_ADMIN_URL, drain_queue, pg_url
 
@@ -155,6 +157,21 @@ def test_role_names_are_quoted_in_the_grants() -> None:
     for bad in ("", "x" * 64, "a\x00b"):
         with pytest.raises(ConfigurationError):
             quote_identifier(bad)
+
+
+def test_the_shipped_sql_grants_exactly_the_relay_privileges() -> None:
+    """relay_role.sql and RELAY_PRIVILEGES (what `outbox check` verifies) are one list."""
+    root = Path(__file__).resolve().parents[1]
+    shipped = (root / "outbox" / "store" / "sql" / "relay_role.sql").read_text("utf-8")
+    body = re.sub(r"--[^\n]*", "", shipped)
+    granted: dict[str, set[str]] = {}
+    for statement in filter(None, (s.strip() for s in body.split(";"))):
+        match = re.fullmatch(r'GRANT ([A-Z, ]+) ON (\w+) TO :"role"', statement)
+        assert match is not None, f"not a GRANT of the expected form: {statement!r}"
+        privileges = {p.strip() for p in match[1].split(",")}
+        assert match[2] not in granted, f"{match[2]} is granted twice"
+        granted[match[2]] = privileges
+    assert granted == {name: set(p) for name, p in RELAY_PRIVILEGES.items()}
 
 
 def test_security_page_shows_the_shipped_grants() -> None:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.cli import settings as config
 from outbox.cli.runner import build_relay
 from outbox.errors import StoreUnavailable
 from outbox.relay.listener import NotifyListener
@@ -77,7 +78,7 @@ def relay(pg_url_fixture: str) -> Iterator[Relay]:
         "source": "/test",
         "prepared_statements": False,
     }
-    relay = build_relay(values)
+    relay = build_relay(config.load(values, "relay", environ={}))
     yield relay
     relay.publisher.close()
     relay.store.engine.dispose()

@@ -366,7 +366,7 @@ def test_relay_publishes_over_mutual_tls_from_the_broker_ssl_settings(
     finally:
         engine.dispose()
 
-    values = config.resolve(
+    values = config.load(
         {},
         "relay",
         {

@@ -7,6 +7,10 @@ Create Date: 2026-11-26
 The partition count is fixed here, at install time: pass
 ``-x outbox_partitions=N`` to alembic or ``--partitions N`` to ``outbox migrate``
 (default 16).
+
+``outbox_inbox`` is the consumers' table (``outbox.consumer``): it is created
+here unless it exists already, so that ``outbox migrate`` also installs into a
+consumer's database where an earlier release created the inbox at run time.
 """
 
 from __future__ import annotations
@@ -127,15 +131,22 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("uri", "version", name=op.f("pk_outbox_schema")),
     )
-    op.create_table(
-        "outbox_inbox",
-        sa.Column("consumer", sa.Text(), nullable=False),
-        sa.Column("message_id", sa.Text(), nullable=False),
-        sa.Column(
-            "processed_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
-        ),
-        sa.PrimaryKeyConstraint("consumer", "message_id", name=op.f("pk_outbox_inbox")),
-    )
+    # A consumer's database may hold the inbox already, made by
+    # outbox.consumer.create_inbox_table of a release that created the table
+    # itself instead of applying these migrations: the same table, taken over.
+    if not sa.inspect(op.get_bind()).has_table("outbox_inbox"):
+        op.create_table(
+            "outbox_inbox",
+            sa.Column("consumer", sa.Text(), nullable=False),
+            sa.Column("message_id", sa.Text(), nullable=False),
+            sa.Column(
+                "processed_at",
+                sa.DateTime(timezone=True),
+                server_default=sa.func.now(),
+                nullable=False,
+            ),
+            sa.PrimaryKeyConstraint("consumer", "message_id", name=op.f("pk_outbox_inbox")),
+        )
     op.create_table(
         "outbox_dead_audit",
         sa.Column("id", _Position, sa.Identity(), nullable=False),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -13,9 +11,9 @@ from outbox.store.driver_errors import store_error
 from outbox.store.engine import create_outbox_engine
 
 
-def engine_from(values: dict[str, Any]) -> Engine:
+def engine_from(settings: config.Settings) -> Engine:
     """The engine for ``--database-url``; commands dispose of it when done."""
-    return create_outbox_engine(config.require(values, "database_url"))
+    return create_outbox_engine(config.require(settings.database.url, "database_url"))
 
 
 def as_store_error(exc: Exception) -> OutboxError:

@@ -17,6 +17,7 @@ import kombu
 from sqlalchemy import ForeignKeyConstraint, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
+from outbox.cli.settings import Settings
 from outbox.producer.hooks import child_of, instrument, resource
 from outbox.relay.loop import Relay, RelaySettings
 from outbox.relay.publisher import KombuPublisher
@@ -63,11 +64,11 @@ def broker_url(directory: Path) -> tuple[str, dict[str, Any]]:
     return "filesystem://", {"data_folder_in": str(folder), "data_folder_out": str(folder)}
 
 
-def run_demo(values: dict[str, Any], *, directory: str, count: int) -> int:
+def run_demo(settings: Settings, *, directory: str, count: int) -> int:
     root = Path(directory).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    database_url = values.get("database_url") or f"sqlite:///{root / 'outbox.db'}"
-    exchange = values.get("exchange") or "outbox"
+    database_url = settings.database.url or f"sqlite:///{root / 'outbox.db'}"
+    exchange = settings.broker.exchange or "outbox"
     engine = create_outbox_engine(database_url)
     migrate.upgrade(engine)
     _Base.metadata.create_all(engine)

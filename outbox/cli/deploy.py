@@ -13,7 +13,6 @@ import re
 import sys
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
 
 from sqlalchemy import Engine
 
@@ -106,18 +105,18 @@ def configuration_page() -> str:
     return CONFIGURATION_INTRO + config.reference_markdown() + CONFIGURATION_OUTRO
 
 
-def cmd_config_reference(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_config_reference(settings: config.Settings, args: argparse.Namespace) -> int:
     sys.stdout.write(configuration_page())
     return 0
 
 
-def cmd_grant_relay_role(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_grant_relay_role(settings: config.Settings, args: argparse.Namespace) -> int:
     if args.print:
         sys.stdout.write(relay_role_sql(args.role))
         return 0
     from outbox.cli.common import as_store_error, engine_from
 
-    engine = engine_from(values)
+    engine = engine_from(settings)
     try:
         grant_relay_role(engine, args.role)
     except Exception as exc:

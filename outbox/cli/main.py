@@ -17,15 +17,14 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 from outbox.cli import deploy, operate, schemas
 from outbox.cli import settings as config
 from outbox.cli.common import as_store_error, engine_from
+from outbox.cli.settings import LoggingSettings, Settings
 from outbox.errors import ConfigurationError, OutboxError, SchemaNotMigrated
 from outbox.logs import emit
 from outbox.redaction import redact
-from outbox.store.engine import normalize_url
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -37,10 +36,10 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 log = logging.getLogger("outbox")
 
 
-def cmd_migrate(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.store import migrate
 
-    engine = engine_from(values)
+    engine = engine_from(settings)
     try:
         migrate.upgrade(engine, partitions=args.partitions)
         revision = migrate.current_revision(engine)
@@ -52,11 +51,11 @@ def cmd_migrate(values: dict[str, Any], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_status(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.store import migrate
     from outbox.store.sqlstore import SqlStore
 
-    engine = engine_from(values)
+    engine = engine_from(settings)
     try:
         store = SqlStore(engine)
         counts = store.counts()
@@ -83,21 +82,21 @@ def cmd_status(values: dict[str, Any], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_relay(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_relay(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.cli.runner import run_relay
 
     stop = threading.Event()
     with _signals(stop):
-        run_relay(values, stop)
+        run_relay(settings, stop)
     return EXIT_OK
 
 
-def cmd_demo(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.cli.demo import run_demo
 
-    if "OUTBOX_LOG_LEVEL" not in os.environ and values.get("log_level") == "INFO":
+    if "OUTBOX_LOG_LEVEL" not in os.environ and settings.logging.level == "INFO":
         logging.getLogger("outbox").setLevel(logging.WARNING)  # the demo prints its own story
-    return run_demo(values, directory=args.directory, count=args.count)
+    return run_demo(settings, directory=args.directory, count=args.count)
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -215,11 +214,9 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        values = config.resolve(vars(args), args.command)
-        _configure_logging(values)
-        if values.get("database_url"):
-            normalize_url(values["database_url"])  # fail early on a malformed URL
-        code: int = args.run(values, args)
+        settings = config.load(vars(args), args.command)  # also fails on a malformed URL
+        _configure_logging(settings.logging)
+        code: int = args.run(settings, args)
         return code
     except SchemaNotMigrated as exc:
         print(f"outbox: {redact(str(exc))}", file=sys.stderr)
@@ -234,10 +231,10 @@ def _run(argv: Sequence[str] | None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _configure_logging(values: dict[str, Any]) -> None:
+def _configure_logging(settings: LoggingSettings) -> None:
     from outbox.ops.logformat import configure
 
-    configure(values.get("log_format", "auto"), values.get("log_level", "INFO"))
+    configure(settings.format, settings.level)
 
 
 if __name__ == "__main__":

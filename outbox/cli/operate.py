@@ -9,9 +9,8 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from outbox.cli.settings import require
+from outbox.cli.settings import Settings, require
 from outbox.errors import ConfigurationError
 from outbox.store.admin import AdminStore, DeadSelection
 
@@ -99,7 +98,7 @@ def add_commands(command: CommandFactory) -> None:
 # -- dead ---------------------------------------------------------------------
 
 
-def cmd_dead(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_dead(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.store.admin import RETRY, SKIP
 
     command = f"outbox dead {args.action}"
@@ -112,20 +111,20 @@ def cmd_dead(values: dict[str, Any], args: argparse.Namespace) -> int:
         every=args.every,
     )
     if args.action == "list":
-        return _dead_list(values, args, selection)
+        return _dead_list(settings, args, selection)
     if args.action == "show":
         if args.key or args.reason_contains is not None or args.every or args.dry_run:
             raise ConfigurationError(f"{command}: takes EVENT_IDs only")
         if not selection.event_ids:
             raise ConfigurationError(f"{command}: give at least one EVENT_ID")
-        return _dead_show(values, list(selection.event_ids), as_json=args.json)
+        return _dead_show(settings, list(selection.event_ids), as_json=args.json)
     if selection.is_empty:
         raise ConfigurationError(
             f"{command}: give EVENT_IDs, --key, --reason-contains or --all (which rows?)"
         )
     operation = RETRY if args.action == "retry" else SKIP
     if args.dry_run:
-        with _admin_store(values) as store:
+        with _admin_store(settings) as store:
             rows = store.resolve_dead(selection, operation, actor="", reason="", dry_run=True)
         for row in rows:
             print(f"{row.event_id!s:<36}  {row.ordering_key:<24}  {_first_line(row.reason)}")
@@ -136,7 +135,7 @@ def cmd_dead(values: dict[str, Any], args: argparse.Namespace) -> int:
         raise ConfigurationError(f"{command}: --reason is required (why?)")
     actor = args.actor or os.environ.get("USER") or _login()
     reason = args.reason.strip()
-    with _admin_store(values) as store:
+    with _admin_store(settings) as store:
         rows = store.resolve_dead(selection, operation, actor=actor, reason=reason)
     verb = "back to pending" if operation == RETRY else "skipped"
     for row in rows:
@@ -145,8 +144,8 @@ def cmd_dead(values: dict[str, Any], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _dead_list(values: dict[str, Any], args: argparse.Namespace, selection: DeadSelection) -> int:
-    with _admin_store(values) as store:  # no selection: list them all
+def _dead_list(settings: Settings, args: argparse.Namespace, selection: DeadSelection) -> int:
+    with _admin_store(settings) as store:  # no selection: list them all
         rows = store.dead_rows(
             limit=args.limit, selection=None if selection.is_empty else selection
         )
@@ -174,10 +173,10 @@ def _rows(count: int) -> str:
     return f"{count} dead row{'' if count == 1 else 's'}"
 
 
-def _dead_show(values: dict[str, Any], ids: list[uuid.UUID], *, as_json: bool) -> int:
+def _dead_show(settings: Settings, ids: list[uuid.UUID], *, as_json: bool) -> int:
     from outbox.store.admin import NotDead
 
-    with _admin_store(values) as store:
+    with _admin_store(settings) as store:
         details = [(event_id, store.event_detail(event_id)) for event_id in ids]
     missing = [str(event_id) for event_id, detail in details if detail is None]
     if missing:
@@ -202,11 +201,9 @@ def _dead_show(values: dict[str, Any], ids: list[uuid.UUID], *, as_json: bool) -
 # -- replay -------------------------------------------------------------------
 
 
-def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
-    from outbox.cli import settings as config
-    from outbox.cli.runner import ce_source, ce_type_prefix
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.ops.progress import Progress
-    from outbox.relay.publisher import broker_tls, open_publisher
+    from outbox.relay.publisher import open_publisher
     from outbox.relay.replay import ReplaySelection, replay
     from outbox.units import point_in_time
 
@@ -220,29 +217,31 @@ def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigurationError(f"outbox replay: {exc}") from None
-    relay_values = {**config.resolve({}, "relay"), **values}  # batch size, source
-    with _admin_store(values) as store:
+    # Batch size and CloudEvents attributes: the relay's (settings.RELAY_ENVIRONMENT).
+    relay = settings.relay
+    broker = settings.broker
+    with _admin_store(settings) as store:
         total = store.count_for_replay(
             since=selection.since, keys=selection.keys, event_ids=selection.event_ids
         )
         if args.dry_run:
             print(f"{total} delivered events match; nothing published (--dry-run)")
             return EXIT_OK
-        require(values, "broker_url")
-        publisher = open_publisher(values["broker_url"], values["exchange"], ssl=broker_tls(values))
+        broker_url = require(broker.url, "broker_url")
+        publisher = open_publisher(broker_url, broker.exchange, ssl=broker.tls())
         progress = Progress("replay", total)
         result = replay(
             store,
             publisher,
             selection,
-            source=ce_source(relay_values),  # the headers the relay sent
-            type_prefix=ce_type_prefix(relay_values),
-            batch_size=relay_values["batch_size"],
+            source=relay.source,  # the headers the relay sent
+            type_prefix=relay.type_prefix,
+            batch_size=relay.batch_size,
             on_progress=progress.advance,
         )
         progress.finish()
     print(
-        f"replayed {result.published} events to exchange {values['exchange']!r} "
+        f"replayed {result.published} events to exchange {broker.exchange!r} "
         f"(last position {result.last_position})"
     )
     return EXIT_OK
@@ -251,11 +250,11 @@ def cmd_replay(values: dict[str, Any], args: argparse.Namespace) -> int:
 # -- check --------------------------------------------------------------------
 
 
-def cmd_check(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.ops.check import run_checks
 
     passed = True
-    for result in run_checks(values):
+    for result in run_checks(settings.database.url, settings.broker):
         print(result.line(), flush=True)
         passed = passed and result.passed
     print("all checks passed" if passed else "some checks failed")
@@ -265,29 +264,30 @@ def cmd_check(values: dict[str, Any], args: argparse.Namespace) -> int:
 # -- drain --------------------------------------------------------------------
 
 
-def cmd_drain(values: dict[str, Any], args: argparse.Namespace) -> int:
-    from outbox.cli import settings as config
+def cmd_drain(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.cli.runner import build_relay
+    from outbox.ops.operations import sql_store
     from outbox.ops.progress import Progress
     from outbox.relay.observer import RelayObserver
 
-    # The relay's own settings (batch size, timeouts...) from the environment.
-    relay_values = {**config.resolve({}, "relay"), **values}
-    relay = build_relay(relay_values)
-    pending = relay.store.backlog().pending
+    # The relay's own settings (batch size, timeouts...): from the environment
+    # (settings.RELAY_ENVIRONMENT).
+    relay = build_relay(settings)
+    store = sql_store(relay)
+    pending = store.backlog().pending
     progress = Progress("drain", pending)
 
     class Advance(RelayObserver):
         def batch_published(self, count: int, seconds: float) -> None:
             progress.advance(count)
 
-    relay.observer = Advance()
+    relay.add_observer(Advance())
     try:
         published = relay.drain(timeout=args.timeout)
         progress.finish()
-        left = relay.store.backlog().pending
+        left = store.backlog().pending
     finally:
-        relay.store.engine.dispose()
+        store.engine.dispose()
     print(f"published {published} events; {left} still pending")
     return EXIT_OK
 
@@ -296,10 +296,10 @@ def cmd_drain(values: dict[str, Any], args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def _admin_store(values: dict[str, Any]) -> Iterator[AdminStore]:
+def _admin_store(settings: Settings) -> Iterator[AdminStore]:
     from outbox.store.engine import create_outbox_engine
 
-    store = AdminStore(create_outbox_engine(require(values, "database_url")))
+    store = AdminStore(create_outbox_engine(require(settings.database.url, "database_url")))
     try:
         yield store
     finally:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from outbox.cli import settings as config
+from outbox.cli.settings import Settings
 from outbox.errors import ConfigurationError, SchemaError
 
 CommandFactory = Callable[[str, str, Callable[..., int]], argparse.ArgumentParser]
@@ -43,7 +44,7 @@ def add_commands(command: CommandFactory) -> None:
 
 
 def _action(
-    sub: Any, name: str, help: str, run: Callable[[dict[str, Any], argparse.Namespace], int]
+    sub: Any, name: str, help: str, run: Callable[[Settings, argparse.Namespace], int]
 ) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
     # The shared settings also after the action (`outbox schemas list --database-url ...`);
@@ -61,24 +62,24 @@ def _action(
     return parser
 
 
-def run(values: dict[str, Any], args: argparse.Namespace) -> int:
-    action: Callable[[dict[str, Any], argparse.Namespace], int] = args.schemas_run
-    return action(values, args)
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    action: Callable[[Settings, argparse.Namespace], int] = args.schemas_run
+    return action(settings, args)
 
 
-def _registry(values: dict[str, Any]) -> Any:
+def _registry(settings: Settings) -> Any:
     from outbox.schemas.registry import SchemaRegistry
     from outbox.store.engine import create_outbox_engine
 
-    url = config.require(values, "database_url")
-    compatibility = values.get("schema_compatibility") or "backward"
+    url = config.require(settings.database.url, "database_url")
+    compatibility = settings.schemas.compatibility or "backward"
     return SchemaRegistry(create_outbox_engine(url), compatibility=compatibility)
 
 
-def cmd_register(values: dict[str, Any], args: argparse.Namespace) -> int:
+def cmd_register(settings: Settings, args: argparse.Namespace) -> int:
     if args.uri and len(args.paths) > 1:
         raise ConfigurationError("--uri names one schema: register one PATH with it")
-    registry = _registry(values)
+    registry = _registry(settings)
     code = EXIT_OK
     try:
         known = {(v.uri, v.version) for uri in registry.uris() for v in registry.versions(uri)}
@@ -97,8 +98,8 @@ def cmd_register(values: dict[str, Any], args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_list(values: dict[str, Any], args: argparse.Namespace) -> int:
-    registry = _registry(values)
+def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
+    registry = _registry(settings)
     try:
         if args.all:
             schemas = [v for uri in registry.uris() for v in registry.versions(uri)]
@@ -114,8 +115,8 @@ def cmd_list(values: dict[str, Any], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_show(values: dict[str, Any], args: argparse.Namespace) -> int:
-    registry = _registry(values)
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    registry = _registry(settings)
     try:
         schema = registry.get(args.uri, args.version)
     finally:

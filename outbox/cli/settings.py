@@ -4,6 +4,14 @@ The CLI's flags and the configuration reference (docs/configuration.md) are
 both generated from :data:`SETTINGS`, so they cannot drift. A secret setting
 may also be read from a file named by ``OUTBOX_<NAME>_FILE`` (Docker and
 Kubernetes secrets).
+
+:func:`load` resolves them once per command into :class:`Settings`: frozen,
+typed groups, each the object that one part of the relay takes
+(:class:`~outbox.relay.loop.RelaySettings` for the loop,
+:class:`~outbox.relay.publisher.BrokerSettings` for the publisher and
+``outbox check``, :class:`~outbox.ops.operations.OperationsSettings` for the
+HTTP server and the scheduled jobs). Nothing below the CLI reads a setting by
+its name.
 """
 
 from __future__ import annotations
@@ -12,12 +20,16 @@ import argparse
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 from typing import Any
 
 from outbox.errors import ConfigurationError
-from outbox.redaction import register_secrets_in
+from outbox.ops.operations import OperationsSettings
+from outbox.redaction import SecretUrl, register_secrets_in
+from outbox.relay.loop import RelaySettings
+from outbox.relay.publisher import BrokerSettings
+from outbox.store.engine import normalize_url
 from outbox.units import duration_seconds, port_number
 
 
@@ -25,11 +37,22 @@ from outbox.units import duration_seconds, port_number
 class Setting:
     name: str  # snake_case; flag --kebab-case, env OUTBOX_UPPER_CASE
     help: str
-    default: Any = None
+    default: Any = None  # as the reference shows it; parsed into parsed_default
     parse: Callable[[str], Any] = str
     secret: bool = False
     required: bool = False  # shown as "(required)" in the reference when it has no default
     commands: tuple[str, ...] = ()  # empty: every command
+    parsed_default: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The default goes through the parser of user input: a bad one fails at import.
+        parsed = None
+        if self.default is not None:
+            try:
+                parsed = self.parse(str(self.default))
+            except ValueError as exc:
+                raise ValueError(f"the default of {self.name} is not valid: {exc}") from None
+        object.__setattr__(self, "parsed_default", parsed)
 
     @property
     def flag(self) -> str:
@@ -199,7 +222,7 @@ SETTINGS: tuple[Setting, ...] = (
         default="auto",
         commands=RELAY,
     ),
-    # -- relay performance and scale-out settings (issue 4) --
+    # -- relay performance and scale-out settings --
     Setting(
         name="prepared_statements",
         help="use server-side prepared statements for the relay's queries; turn off "
@@ -209,7 +232,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse=boolean,
         commands=RELAY,
     ),
-    # -- schema registry settings (issue 5) --
+    # -- schema registry settings --
     Setting(
         name="validate_content",
         help="validate each event's content against its registered schema before "
@@ -242,7 +265,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse=choice("none", "backward", "forward", "full"),
         commands=("schemas",),
     ),
-    # -- operations settings: metrics, health, retention, TLS (issue 6) --
+    # -- operations settings: metrics, health, retention, TLS --
     Setting(
         name="http_port",
         help="port of the HTTP server for /livez, /readyz and /metrics (0: no server)",
@@ -310,14 +333,66 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 
+# Commands that do the relay's work outside `outbox relay` and have no flags
+# for its settings (batch size, timeouts, CloudEvents source...): they read
+# them from the relay's environment variables.
+RELAY_ENVIRONMENT = ("replay", "drain")
 
-def require(values: Mapping[str, Any], name: str) -> str:
-    """The value of a setting that must be given, or a one-line error naming how."""
-    value = values.get(name)
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseSettings:
+    """The database holding the outbox tables, and how the relay talks to it."""
+
+    url: str | None  # a SecretUrl: repr() hides the password
+    listen: bool  # wake up on NOTIFY
+    prepared_statements: bool
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not isinstance(self.url, SecretUrl):
+            object.__setattr__(self, "url", SecretUrl(self.url))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchemaSettings:
+    """The schema registry: what the relay checks and sends, what a new version must keep."""
+
+    validate_content: bool
+    strict: bool  # mark dead an event whose schema URI is not registered
+    body_format: str  # json or avro
+    compatibility: str  # none, backward, forward, full
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    format: str  # auto, json, text
+    level: str  # DEBUG, INFO, WARNING, ERROR
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting of one command, parsed, grouped by the part that takes it.
+
+    A setting the command does not accept has its default (for the commands
+    of :data:`RELAY_ENVIRONMENT`, the relay's settings come from the
+    environment instead). ``repr()`` is safe to log: the URLs are
+    :class:`~outbox.redaction.SecretUrl`.
+    """
+
+    database: DatabaseSettings
+    broker: BrokerSettings
+    relay: RelaySettings
+    schemas: SchemaSettings
+    operations: OperationsSettings
+    logging: LoggingSettings
+    secrets_dir: str | None
+
+
+def require(value: str | None, name: str) -> str:
+    """``value`` of the setting ``name`` when it was given, or a one-line error naming how."""
     if not value:
         setting = BY_NAME[name]
         raise ConfigurationError(f"{setting.flag} (or {setting.env}) is required")
-    return str(value)
+    return value
 
 
 def applies_to(setting: Setting, command: str) -> bool:
@@ -362,7 +437,7 @@ def resolve(
         if raw is None and setting.secret and secrets_dir:
             raw, origin = _read_from_secrets_dir(str(secrets_dir), setting)
         if raw is None:
-            resolved[setting.name] = setting.default
+            resolved[setting.name] = setting.parsed_default
             continue
         if setting.secret and isinstance(raw, str):
             register_secrets_in(raw)  # redacted from here on, in every log record and error
@@ -371,6 +446,88 @@ def resolve(
         except ValueError as exc:
             raise ConfigurationError(f"{origin}: {exc}") from None
     return resolved
+
+
+def load(
+    values: Mapping[str, Any], command: str, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """The settings of ``command``: resolved once (:func:`resolve`), checked, typed.
+
+    ``values`` are the flags (``vars(args)``); a value that is not a string is
+    taken as it is (tests, embedding code). A malformed database URL fails here.
+    """
+    environ = os.environ if environ is None else environ
+    resolved = resolve(values, command, environ)
+    if command in RELAY_ENVIRONMENT:
+        resolved = {**resolve({}, "relay", environ), **resolved}
+    return _typed({**{s.name: s.parsed_default for s in SETTINGS}, **resolved})
+
+
+def _typed(values: Mapping[str, Any]) -> Settings:
+    database_url = values["database_url"]
+    if database_url:
+        normalize_url(database_url)  # fail early on a malformed URL
+    retention = float(values["retention"])
+    return Settings(
+        database=DatabaseSettings(
+            url=database_url,
+            listen=values["listen"],
+            prepared_statements=values["prepared_statements"],
+        ),
+        broker=BrokerSettings(
+            url=values["broker_url"],
+            exchange=values["exchange"],
+            ssl_ca=values["broker_ssl_ca"],
+            ssl_cert=values["broker_ssl_cert"],
+            ssl_key=values["broker_ssl_key"],
+        ),
+        relay=RelaySettings(
+            batch_size=values["batch_size"],
+            poll_interval=values["poll_interval"],
+            lease_ttl=values["lease_ttl"],
+            confirm_timeout=values["confirm_timeout"],
+            unroutable=values["unroutable"],
+            source=ce_source(values),
+            type_prefix=ce_type_prefix(values),
+            max_payload_bytes=values["max_payload_bytes"],
+            max_attempts=values["max_attempts"],
+            # A retention of 0 deletes rows on delivery.
+            delete_on_delivery=retention == 0,
+        ),
+        schemas=SchemaSettings(
+            validate_content=values["validate_content"],
+            strict=values["strict_schemas"],
+            body_format=values["body_format"],
+            compatibility=values["schema_compatibility"],
+        ),
+        operations=OperationsSettings(
+            http_host=values["http_host"],
+            http_port=values["http_port"],
+            metrics_interval=values["metrics_interval"],
+            retention=retention,
+        ),
+        logging=LoggingSettings(format=values["log_format"], level=values["log_level"]),
+        secrets_dir=values["secrets_dir"],
+    )
+
+
+def ce_source(values: Mapping[str, Any]) -> str:
+    """``ce-source``: the setting, or for ``auto`` a slash and the database's name."""
+    source = str(values.get("source") or "auto")
+    if source != "auto":
+        return source
+    url = normalize_url(values["database_url"]) if values.get("database_url") else None
+    if url is None or not url.database:
+        return "/outbox"
+    # SQLite names a file: its stem ("/srv/app/cases.db" -> "cases").
+    name = PurePath(url.database).stem if url.get_backend_name() == "sqlite" else url.database
+    return "/" + name
+
+
+def ce_type_prefix(values: Mapping[str, Any]) -> str | None:
+    """The start of ``ce-type``; None (``auto``) derives it from each event's schema URI."""
+    prefix = str(values.get("type_prefix") or "auto")
+    return {"auto": None, "none": ""}.get(prefix, prefix)
 
 
 def _read_secret(path: str, setting: Setting) -> str:

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from outbox.envelope import codec
+from outbox.envelope.jsontext import parse_json
 from outbox.errors import EnvelopeError
 
 
@@ -109,8 +109,8 @@ class Envelope:
     @classmethod
     def from_json(cls, text: str | bytes) -> Envelope:
         try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+            data = parse_json(text)
+        except ValueError as exc:
             raise EnvelopeError(f"envelope is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise EnvelopeError("envelope must be a JSON object")

@@ -12,21 +12,14 @@ from sqlalchemy import Engine, text
 
 from outbox.errors import StoreError
 from outbox.redaction import describe_url, redact, redact_error
+from outbox.relay.publisher import BrokerSettings
 from outbox.store import migrate
 from outbox.store.engine import create_outbox_engine
+from outbox.store.privileges import RELAY_PRIVILEGES
 
 PASS = "PASS"
 FAIL = "FAIL"
 SKIP = "SKIP"
-
-# What the relay does to each table: the same grants as outbox/store/sql/relay_role.sql.
-RELAY_PRIVILEGES: dict[str, tuple[str, ...]] = {
-    "outbox_event": ("SELECT", "UPDATE", "DELETE"),
-    "outbox_partition": ("SELECT", "UPDATE"),
-    "outbox_relay": ("SELECT", "INSERT", "UPDATE", "DELETE"),
-    "outbox_schema": ("SELECT",),
-    "outbox_alembic_version": ("SELECT",),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,10 +38,11 @@ class CheckResult:
         return text + (f"\n      fix: {self.fix}" if self.fix else "")
 
 
-def run_checks(values: dict[str, Any], connect_timeout: float = 5.0) -> Iterator[CheckResult]:
+def run_checks(
+    database_url: str | None, broker: BrokerSettings, connect_timeout: float = 5.0
+) -> Iterator[CheckResult]:
     """Database, migrations, permissions, broker, exchange; later checks skip when one fails."""
-    database_url = values.get("database_url")
-    broker_url = values.get("broker_url")
+    broker_url = broker.url
     if not database_url:
         yield CheckResult(
             name="database",
@@ -66,7 +60,7 @@ def run_checks(values: dict[str, Any], connect_timeout: float = 5.0) -> Iterator
             fix="set OUTBOX_BROKER_URL (or --broker-url, or OUTBOX_BROKER_URL_FILE)",
         )
     else:
-        yield from _broker_checks(values, str(broker_url), connect_timeout)
+        yield from _broker_checks(broker, str(broker_url), connect_timeout)
 
 
 def _database_checks(url: str, connect_timeout: float) -> Iterator[CheckResult]:
@@ -175,12 +169,13 @@ def _permissions(engine: Engine) -> CheckResult:
 
 
 def _broker_checks(
-    values: dict[str, Any], url: str, connect_timeout: float
+    broker: BrokerSettings, url: str, connect_timeout: float
 ) -> Iterator[CheckResult]:
     shown = redact(url)
-    exchange = str(values.get("exchange") or "outbox")
+    exchange = broker.exchange or "outbox"
     try:
-        connection = kombu.Connection(url, connect_timeout=connect_timeout, ssl=_tls(values))
+        # The relay's own TLS options (BrokerSettings.tls), so that both agree.
+        connection = kombu.Connection(url, connect_timeout=connect_timeout, ssl=broker.tls())
     except ValueError as exc:  # a URL that does not parse: a port that is not a number
         yield CheckResult(
             name="broker",
@@ -281,12 +276,6 @@ def _declare(connection: kombu.Connection, exchange: str, *, passive: bool) -> E
         return exc
     _close(channel.close)
     return None
-
-
-def _tls(values: dict[str, Any]) -> Any:
-    from outbox.relay.publisher import broker_tls  # the relay's own TLS options, so both agree
-
-    return broker_tls(values)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -2,9 +2,11 @@
 
 :class:`PrometheusObserver` turns the relay's hooks (:mod:`outbox.relay.observer`)
 into counters and histograms as they happen. The gauges that describe the
-table (backlog, oldest pending event, dead rows) are read from the database by
-:func:`refresh_table_gauges`, which the runner schedules: every relay replica
-reports the same table-wide values, so aggregate them with ``max``, not ``sum``.
+table (backlog, oldest pending event, dead rows) are set from a reading of the
+database by :func:`set_table_gauges`: at start by :func:`refresh_table_gauges`,
+then by the scheduled backlog job (:class:`outbox.ops.operations.BacklogJob`),
+whose reading also gives the ``backlog`` log line. Every relay replica reports
+the same table-wide values, so aggregate them with ``max``, not ``sum``.
 
 Metrics live in a registry of their own (never the process-global one), so an
 application embedding the relay keeps its own metrics apart and tests can run
@@ -57,7 +59,7 @@ from outbox.relay.publisher import (
     TIMEOUT,
     UNSENDABLE,
 )
-from outbox.store.sqlstore import SqlStore
+from outbox.store.sqlstore import Backlog, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -273,17 +275,27 @@ def refresh_table_gauges(observer: PrometheusObserver, store: SqlStore) -> bool:
     try:
         backlog = store.backlog()
     except OutboxError as exc:
-        emit(
-            log,
-            "metrics_refresh_failed",
-            "cannot refresh table gauges: %s",
-            exc,
-            level=logging.WARNING,
-        )
+        table_gauges_unknown(exc)
         return False
+    set_table_gauges(observer, backlog)
+    return True
+
+
+def table_gauges_unknown(exc: OutboxError) -> None:
+    """Say that the table gauges keep their last values: the backlog could not be read."""
+    emit(
+        log,
+        "metrics_refresh_failed",
+        "cannot refresh table gauges: %s",
+        exc,
+        level=logging.WARNING,
+    )
+
+
+def set_table_gauges(observer: PrometheusObserver, backlog: Backlog) -> None:
+    """The table gauges from one reading of the backlog."""
     observer.backlog.set(backlog.pending)
     observer.dead.set(backlog.dead)
     oldest = backlog.oldest_pending_created_at
     observer.oldest_pending.set(oldest.timestamp() if oldest is not None else 0)
     observer.table_refreshed.set_to_current_time()
-    return True

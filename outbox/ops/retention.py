@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from outbox.errors import OutboxError
 from outbox.logs import emit
 from outbox.store.sqlstore import SqlStore
-from outbox.units import duration_seconds
 
 log = logging.getLogger(__name__)
 
 PURGE_BATCH = 1000
 PURGE_TIME_BUDGET = 20.0  # seconds per run; the next run carries on
-
-
-def retention_seconds(values: dict[str, Any]) -> float:
-    """The ``retention`` setting in seconds (its default is written as text, ``7d``)."""
-    value = values.get("retention", 0.0)
-    return duration_seconds(value) if isinstance(value, str) else float(value)
 
 
 def purge_delivered(

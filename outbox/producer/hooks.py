@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import event, inspect
@@ -30,7 +29,6 @@ from sqlalchemy.orm import (
     ORMExecuteState,
     RelationshipProperty,
     Session,
-    SessionTransaction,
     UOWTransaction,
     attributes,
     scoped_session,
@@ -58,6 +56,7 @@ from outbox.producer.publish import (
     schemas_for,
     write_session_rows,
 )
+from outbox.producer.savepoints import SavepointLog, log_for, track
 
 __all__ = ["BYPASS_OPTION", "child_of", "column_content", "instrument", "resource"]
 
@@ -72,30 +71,20 @@ DELETE: Final = "delete"
 CHILD: Final = "child"  # a contained child changed: an update of this resource
 
 
-@dataclass(eq=False)
-class _Tracker:
-    """Resources touched in the session's current transaction, with SAVEPOINT marks."""
+_Touch = tuple[Any, str]  # (resource, INSERT | UPDATE | DELETE | CHILD)
 
-    touches: list[tuple[int, Any, str]] = field(default_factory=list)
-    next_seq: int = 0
-    savepoints: dict[int, int] = field(default_factory=dict)
-    sealed: bool = False  # the root commit already turned touches into rows
 
-    def add(self, obj: Any, kind: str) -> None:
-        self.touches.append((self.next_seq, obj, kind))
-        self.next_seq += 1
+class _Tracker(SavepointLog[_Touch]):
+    """Resources touched in the session's current transaction (a rolled-back SAVEPOINT
+    takes back its touches)."""
 
-    def take(self) -> list[tuple[int, Any, str]]:
-        touches, self.touches = self.touches, []
-        return touches
+    def __init__(self) -> None:
+        super().__init__()
+        self.sealed = False  # the root commit already turned touches into rows
 
 
 def _tracker(session: Session) -> _Tracker:
-    tracker = session.info.get(_TRACKER_KEY)
-    if tracker is None:
-        tracker = session.info[_TRACKER_KEY] = _Tracker()
-    assert isinstance(tracker, _Tracker)
-    return tracker
+    return log_for(session, _TRACKER_KEY, _Tracker)
 
 
 # --- recording, at every flush -------------------------------------------------
@@ -108,7 +97,7 @@ def _before_flush(session: Session, _context: UOWTransaction, _instances: object
     def touch(obj: Any, kind: str) -> None:
         config = roles_of(type(obj))[0]
         assert config is not None
-        tracker.add(obj, kind)
+        tracker.add((obj, kind))
         touched.setdefault(id(obj), (config, obj, set()))[2].add(kind)
 
     for obj in session.new:
@@ -271,7 +260,7 @@ def _root_committing(session: Session) -> bool:
 
 def _after_flush_postexec(session: Session, _context: UOWTransaction) -> None:
     tracker = session.info.get(_TRACKER_KEY)
-    if isinstance(tracker, _Tracker) and tracker.sealed and tracker.touches:
+    if isinstance(tracker, _Tracker) and tracker.sealed and tracker.pending:
         # Changes made after the commit's events were built (another
         # before_commit listener): publish them too rather than lose them.
         _emit(session, tracker)
@@ -286,16 +275,16 @@ def _emit(session: Session, tracker: _Tracker) -> None:
     except BaseException:
         # Nothing was written: keep the record, so that a commit retried
         # after fixing the content publishes the same net effect.
-        tracker.touches[:0] = touches
+        tracker.put_back(touches)
         raise
     if rows:
         # Every row was built and validated before the first is written.
         write_session_rows(session, rows)
 
 
-def _build_rows(session: Session, touches: list[tuple[int, Any, str]]) -> list[dict[str, Any]]:
-    groups: dict[object, list[tuple[Any, str]]] = {}
-    for _seq, obj, kind in touches:
+def _build_rows(session: Session, touches: list[tuple[int, _Touch]]) -> list[dict[str, Any]]:
+    groups: dict[object, list[_Touch]] = {}
+    for _seq, (obj, kind) in touches:
         state: InstanceState[Any] = inspect(obj)
         identity = state.key if state.key is not None else ("transient", id(obj))
         groups.setdefault(identity, []).append((obj, kind))
@@ -374,33 +363,6 @@ def _row(
         ) from exc
 
 
-# --- transaction boundaries ----------------------------------------------------
-
-
-def _after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.nested:
-        tracker = _tracker(session)
-        tracker.savepoints[id(transaction)] = tracker.next_seq
-
-
-def _after_soft_rollback(session: Session, transaction: SessionTransaction) -> None:
-    tracker = session.info.get(_TRACKER_KEY)
-    if not isinstance(tracker, _Tracker):
-        return
-    if transaction.nested:
-        start = tracker.savepoints.pop(id(transaction), None)
-        if start is not None:
-            tracker.touches = [t for t in tracker.touches if t[0] < start]
-
-
-def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    # A SAVEPOINT's mark is kept when it ends: SQLAlchemy ends a nested
-    # transaction before it reports its rollback (after_soft_rollback). A new
-    # SAVEPOINT that reuses the id overwrites the stale mark when it begins.
-    if transaction.parent is None:
-        session.info.pop(_TRACKER_KEY, None)
-
-
 # --- bulk statements -------------------------------------------------------------
 
 
@@ -430,9 +392,6 @@ _LISTENERS: tuple[tuple[str, Any], ...] = (
     ("before_flush", _before_flush),
     ("after_flush_postexec", _after_flush_postexec),
     ("before_commit", _before_commit),
-    ("after_transaction_create", _after_transaction_create),
-    ("after_soft_rollback", _after_soft_rollback),
-    ("after_transaction_end", _after_transaction_end),
     ("do_orm_execute", _do_orm_execute),
 )
 
@@ -504,3 +463,5 @@ def _listen(target: type[Session] | Session) -> None:
         setattr(target, _MARKER, True)
     for name, listener in _LISTENERS:
         event.listen(target, name, listener)
+    # SAVEPOINT marks; a rolled-back SAVEPOINT takes back its touches.
+    track(target, _TRACKER_KEY, _Tracker)

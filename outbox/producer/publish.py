@@ -18,16 +18,17 @@ from __future__ import annotations
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, func, select, text
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import Session
 
 from outbox.envelope import codec, fastcheck, limits, ordering
 from outbox.envelope.model import Envelope
 from outbox.errors import SchemaNotMigrated, UnsendableEventError
 from outbox.producer import tracing
+from outbox.producer.savepoints import SavepointLog, log_for, track
 from outbox.store import table
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 OPTIONS_KEY = "outbox.producer_options"
 _BUFFER_KEY = "outbox.buffer"
+_LISTENING_KEY = "outbox.buffer.listening"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -299,137 +301,50 @@ def write_rows(
     connection.execute(table.event.insert(), list(rows))
 
 
-@dataclass(eq=False)
-class _SessionBuffer:
-    """Events published in a session, tagged with a sequence number.
+class _SessionBuffer(SavepointLog[dict[str, Any]]):
+    """Events published in the session's transaction, written at commit or ``flush_events``."""
 
-    A SAVEPOINT remembers a unique token and the sequence number at which it
-    began. Rolling it back drops the events published inside it, written or
-    not (the database undoes the written ones). Rows written while it was open
-    but published before it began (a ``flush_events`` or the release of an
-    inner SAVEPOINT writes every buffered row) are undone by the database too,
-    yet belong to the enclosing transaction: they go back into the buffer, in
-    their original order, to be written again.
-    """
-
-    session: Session
-    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
-    # Rows written while a SAVEPOINT was open, with the tokens of all open ones.
-    written: list[tuple[int, dict[str, Any], frozenset[int]]] = field(default_factory=list)
-    next_seq: int = 0
-    next_token: int = 0
-    # id(SessionTransaction) -> (token, first sequence number inside it)
-    savepoints: dict[int, tuple[int, int]] = field(default_factory=dict)
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append((self.next_seq, row))
-        self.next_seq += 1
-
-    def write(self) -> None:
-        if not self.rows:
-            return
-        open_tokens = self._open_savepoint_tokens()
-        if open_tokens:
-            self.written.extend((seq, row, open_tokens) for seq, row in self.rows)
-        rows = [row for _, row in self.rows]
-        self.rows.clear()
-        write_rows(self.session.connection(), rows, options_of(self.session.info))
-
-    def _open_savepoint_tokens(self) -> frozenset[int]:
-        tokens: set[int] = set()
-        current: SessionTransaction | None = self.session.get_nested_transaction()
-        while current is not None and current.nested:
-            entry = self.savepoints.get(id(current))
-            if entry is not None:
-                tokens.add(entry[0])
-            current = current.parent
-        return frozenset(tokens)
-
-    def savepoint_started(self, transaction: SessionTransaction, start: int | None = None) -> None:
-        seq = self.next_seq if start is None else start
-        self.savepoints[id(transaction)] = (self.next_token, seq)
-        self.next_token += 1
-
-    def savepoint_rolled_back(self, transaction: SessionTransaction) -> None:
-        entry = self.savepoints.pop(id(transaction), None)
-        if entry is None:
-            return
-        token, start = entry
-        undone = [(seq, row) for seq, row, tokens in self.written if token in tokens]
-        self.written = [w for w in self.written if token not in w[2]]
-        kept = [(seq, row) for seq, row in self.rows if seq < start]
-        kept += [(seq, row) for seq, row in undone if seq < start]
-        self.rows = sorted(kept, key=lambda item: item[0])
-
-    def transaction_ended(self, transaction: SessionTransaction) -> None:
-        # A SAVEPOINT's entry is kept when it ends: SQLAlchemy ends a nested
-        # transaction *before* it reports its rollback (after_soft_rollback).
-        # Tokens are unique, so a stale entry can never match a later SAVEPOINT.
-        if transaction.parent is None:
-            # The root transaction is over: its events were written at
-            # before_commit, or are discarded with its rollback.
-            self.rows.clear()
-            self.written.clear()
-            self.savepoints.clear()
+    def write(self, session: Session) -> None:
+        rows = self.take_for_writing(session)
+        if rows:
+            write_rows(session.connection(), rows, options_of(session.info))
 
 
 def _buffer_for(session: Session) -> _SessionBuffer:
+    if not session.info.get(_LISTENING_KEY):
+        session.info[_LISTENING_KEY] = True
+        event.listen(session, "before_commit", _before_commit)
+        track(session, _BUFFER_KEY, _SessionBuffer)
+    return log_for(session, _BUFFER_KEY, _SessionBuffer)
+
+
+def _before_commit(session: Session) -> None:
     buffer = session.info.get(_BUFFER_KEY)
-    if buffer is None:
-        buffer = _SessionBuffer(session)
-        session.info[_BUFFER_KEY] = buffer
-        _listen(session, buffer)
-        current: SessionTransaction | None = session.get_nested_transaction()
-        while current is not None and current.nested:
-            # Events published now belong to every open SAVEPOINT around them.
-            buffer.savepoint_started(current, start=0)
-            current = current.parent
-    assert isinstance(buffer, _SessionBuffer)
-    return buffer
-
-
-def _listen(session: Session, buffer: _SessionBuffer) -> None:
-    def before_commit(session: Session) -> None:
+    if isinstance(buffer, _SessionBuffer):
         # Flush the resource changes first: their row locks come before the
         # per-key lock, the order the session hooks use too, so an explicit
         # publish and an instrumented change cannot deadlock on one resource.
         session.flush()
-        buffer.write()
-
-    def after_transaction_create(_session: Session, transaction: SessionTransaction) -> None:
-        if transaction.nested:
-            buffer.savepoint_started(transaction)
-
-    def after_soft_rollback(_session: Session, transaction: SessionTransaction) -> None:
-        if transaction.nested:
-            buffer.savepoint_rolled_back(transaction)
-
-    def after_transaction_end(_session: Session, transaction: SessionTransaction) -> None:
-        buffer.transaction_ended(transaction)
-
-    event.listen(session, "before_commit", before_commit)
-    event.listen(session, "after_transaction_create", after_transaction_create)
-    event.listen(session, "after_soft_rollback", after_soft_rollback)
-    event.listen(session, "after_transaction_end", after_transaction_end)
+        buffer.write(session)
 
 
 def flush_events(session: Session) -> None:
     """Write the session's buffered events now (they are written at commit anyway)."""
     buffer = session.info.get(_BUFFER_KEY)
     if isinstance(buffer, _SessionBuffer):
-        buffer.write()
+        buffer.write(session)
 
 
 def write_session_rows(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Write ``rows`` now, with the events ``publish`` buffered in ``session``, in one INSERT.
 
-    The session hooks call it at commit. A session that never published gets
-    no buffer (registering its listeners costs more than the write).
+    The session hooks call it at commit. A transaction in which nothing was
+    published has no buffer (registering its listeners costs more than the write).
     """
     buffer = session.info.get(_BUFFER_KEY)
     if isinstance(buffer, _SessionBuffer):
         for row in rows:
             buffer.add(row)
-        buffer.write()
+        buffer.write(session)
     else:
         write_rows(session.connection(), rows, options_of(session.info))

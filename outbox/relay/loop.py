@@ -26,7 +26,6 @@ only its key; nothing a single row holds can stop the loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -39,9 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from outbox.envelope import fastcheck, limits
+from outbox.envelope.jsontext import parse_json
 from outbox.errors import (
     BrokerUnavailable,
     EnvelopeError,
@@ -54,7 +52,7 @@ from outbox.errors import (
 from outbox.logs import emit
 from outbox.relay.backoff import Backoff, FailureLog
 from outbox.relay.message import CONTENT_TYPE_JSON, OutgoingMessage, build_message
-from outbox.relay.observer import RelayObserver
+from outbox.relay.observer import Hook, RelayObserver
 from outbox.relay.publisher import (
     EXHAUSTED,
     NACKED,
@@ -64,34 +62,24 @@ from outbox.relay.publisher import (
     Publisher,
     PublishResult,
 )
-from outbox.store.sqlstore import EventRow, Lease, SqlStore
+from outbox.store.protocol import Store
+from outbox.store.sqlstore import EventRow, Lease
 
 log = logging.getLogger(__name__)
 
 UNROUTABLE_POLICIES = ("retry", "dead")
 
 
-def _reject_non_json_constant(name: str) -> object:
-    # Python's json accepts NaN and Infinity; consumers' parsers do not.
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def parse_payload(payload: str) -> Any:
     """The stored envelope as Python values; ValueError if it is not JSON.
 
-    orjson parses a 1 KiB envelope in a fifth of the stdlib's time. What it
-    refuses and the stdlib accepts (lone surrogate escapes) goes to the
-    stdlib, so the relay accepts exactly the documents it always has: standard
-    JSON without NaN or Infinity. The body sent is the stored text, never
-    these values; they serve the checks. One difference remains: orjson reads
-    an integer beyond 64 bits as a float, so content validation compares such
-    a number at double precision, as RFC 8259 (section 6) warns most JSON
-    consumers will.
+    The rules of :func:`outbox.envelope.jsontext.parse_json`: standard JSON
+    without NaN or Infinity. The body sent is the stored text, never these
+    values; they serve the checks, so they are read the fast way: an integer
+    beyond 64 bits becomes a float, and content validation compares such a
+    number at double precision.
     """
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return json.loads(payload, parse_constant=_reject_non_json_constant)
+    return parse_json(payload, exact_integers=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,12 +139,12 @@ class Relay:
 
     def __init__(
         self,
-        store: SqlStore,
+        store: Store,
         publisher: Publisher,
         settings: RelaySettings | None = None,
         *,
         wakeup: Wakeup | None = None,
-        observer: RelayObserver | None = None,
+        observers: Sequence[RelayObserver] = (),
         content_validator: Validator | None = None,
         body_encoder: BodyEncoder | None = None,
         relay_id: str | None = None,
@@ -165,7 +153,7 @@ class Relay:
         self.publisher = publisher
         self.settings = settings or RelaySettings()
         self.wakeup = wakeup or Wakeup()
-        self.observer = observer or RelayObserver()
+        self._observers: tuple[RelayObserver, ...] = tuple(observers)
         self.content_validator = content_validator
         self.body_encoder = body_encoder
         self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -206,6 +194,20 @@ class Relay:
     def partitions(self) -> list[int]:
         return self._lease.partitions if self._lease_valid() else []
 
+    @property
+    def observers(self) -> tuple[RelayObserver, ...]:
+        """The observers, in the order each hook is called on them."""
+        return self._observers
+
+    def add_observer(self, observer: RelayObserver) -> None:
+        """Call ``observer``'s hooks too, after those of the observers already there.
+
+        Meant for the composition root, before :meth:`run` or :meth:`drain`;
+        the tuple is replaced, never changed, so a loop going round meanwhile
+        sees either the old observers or the new ones.
+        """
+        self._observers = (*self._observers, observer)
+
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set, then finish the wave in flight and let go."""
         emit(log, "relay_started", "relay %s started", self.relay_id, relay_id=self.relay_id)
@@ -241,13 +243,13 @@ class Relay:
                 self._connect()
         except StoreUnavailable as exc:
             self._store_log.failed("%s", exc)
-            self.observer.store_available(False)
+            self._observe("store_available", False)
             self._recover_from_error()
             stop.wait(self._backoff.next_delay())
             return False
         except BrokerUnavailable as exc:
             self._broker_log.failed("%s", exc)
-            self.observer.broker_connected(False)
+            self._observe("broker_connected", False)
             self._recover_from_error()
             stop.wait(self._backoff.next_delay())
             return False
@@ -258,8 +260,8 @@ class Relay:
             return False
         self._backoff.reset()
         self._store_log.recovered("database reachable again")
-        self.observer.store_available(True)
-        self._observe(self.observer.loop_ticked)
+        self._observe("store_available", True)
+        self._observe("loop_ticked")
         if idle and wait_when_idle:
             self.publisher.keepalive()  # broker heartbeats: an idle connection stays open
             self.wakeup.wait(self._idle_timeout())
@@ -405,7 +407,7 @@ class Relay:
         except PublishError as exc:
             raise BrokerUnavailable(str(exc)) from exc
         self._broker_log.recovered("broker reachable again")
-        self.observer.broker_connected(True)
+        self._observe("broker_connected", True)
 
     def _send_wave(self) -> None:
         self._connect()
@@ -427,10 +429,8 @@ class Relay:
         self._to_mark.extend(m.position for m in confirmed)
         self.published_total += len(confirmed)
         if confirmed:
-            self._observe(
-                self.observer.batch_published, len(confirmed), time.monotonic() - self._sent_at
-            )
-            self._observe(self.observer.events_confirmed, [m.timestamp for m in confirmed])
+            self._observe("batch_published", len(confirmed), time.monotonic() - self._sent_at)
+            self._observe("events_confirmed", [m.timestamp for m in confirmed])
             self._confirmed(confirmed)
         if not result.failures:
             self._publish_backoff.reset()
@@ -482,9 +482,9 @@ class Relay:
                     self._nacks[message.position] = self._nacks.get(message.position, 0) + 1
                 retry.append(message)
         for kind, count in kinds.items():
-            self._observe(self.observer.publish_failed, kind, count)
+            self._observe("publish_failed", kind, count)
         if not self.publisher.connected:
-            self.observer.broker_connected(False)
+            self._observe("broker_connected", False)
         if not retry:
             return False
         self._put_back(retry)
@@ -581,7 +581,7 @@ class Relay:
             key=key,
             cause=cause,
         )
-        self._observe(self.observer.event_dead, key, cause)
+        self._observe("event_dead", key, cause)
 
     def _mark(self, positions: list[int]) -> None:
         if positions:
@@ -683,9 +683,7 @@ class Relay:
                 lease.partitions,
                 partitions=lease.partitions,
             )
-            self._observe(
-                self.observer.partitions_changed, lease.partitions, self.store.partition_count()
-            )
+            self._observe("partitions_changed", lease.partitions, self.store.partition_count())
         self._lease = lease
 
     # -- shutdown and waiting ---------------------------------------------------
@@ -726,20 +724,22 @@ class Relay:
             timeout = min(timeout, max(0.0, min(self._paused.values()) - now))
         return timeout or 0.001
 
-    def _observe(self, hook: Callable[..., None], *args: object) -> None:
-        try:
-            hook(*args)
-        except Exception:
-            name = getattr(hook, "__name__", repr(hook))
-            emit(
-                log,
-                "observer_hook_failed",
-                "observer hook %s failed",
-                name,
-                level=logging.ERROR,
-                exc_info=True,
-                hook=name,
-            )
+    def _observe(self, hook: Hook, *args: object) -> None:
+        """Call ``hook`` on every observer; one that raises is logged, and the rest still run."""
+        for observer in self._observers:
+            try:
+                getattr(observer, hook)(*args)
+            except Exception:
+                emit(
+                    log,
+                    "observer_hook_failed",
+                    "observer hook %s failed",
+                    hook,
+                    level=logging.ERROR,
+                    exc_info=True,
+                    hook=hook,
+                    observer=type(observer).__name__,
+                )
 
 
 def _reason(exc: BaseException) -> str:

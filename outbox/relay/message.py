@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
-
+from outbox.envelope.jsontext import parse_json
 from outbox.envelope.limits import check_exchange_name, check_header_integers
 from outbox.errors import UnsendableEventError
 from outbox.store.sqlstore import EventRow
@@ -67,37 +66,55 @@ def _ce_time(moment: dt.datetime) -> str:
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def _holds_float(value: Any) -> bool:
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_float(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_holds_float(item) for item in value)
-    return False
-
-
 def stored_headers(stored: str | Mapping[str, Any]) -> Mapping[str, Any]:
     """The producer's extra headers of a row (stored as JSON text).
 
-    ValueError if they are not a JSON object; UnsendableEventError if a value
-    holds an integer that AMQP cannot carry.
+    ValueError if they are not a JSON object, or hold what a header frame
+    cannot carry as written (see :func:`_check_value`); UnsendableEventError if
+    a value holds an integer that AMQP cannot carry.
     """
-    headers = orjson.loads(stored) if isinstance(stored, str) else stored
-    if isinstance(stored, str) and _holds_float(headers):
-        # orjson reads an integer literal beyond 64 bits as a float, which would
-        # deliver another value; the stdlib keeps it exact, so it can be refused.
-        try:
-            headers = json.loads(stored)
-        except RecursionError as exc:
-            raise ValueError("the row's headers are nested too deeply") from exc
+    # Exact integers: one beyond 64 bits must be refused, not sent as another value.
+    headers = parse_json(stored) if isinstance(stored, str) else stored
     if headers is None:  # JSON null, as rows written before SQL NULL was used hold
         return {}
     if not isinstance(headers, Mapping):
         raise ValueError(f"the row's headers must be a JSON object, not {type(headers).__name__}")
     for name, value in headers.items():
-        check_header_integers(name, value)
+        _check_text(name, name)
+        _check_value(name, value)
     return headers
+
+
+def _check_value(name: str, value: Any) -> None:
+    """Refuse, anywhere in header ``name``'s value, what JSON text may say but a
+    header frame cannot carry: a number beyond a double (``1e400`` reads as
+    infinity), a lone surrogate escape (no UTF-8 encoding), an integer beyond 64 bits.
+    """
+    if isinstance(value, str):
+        _check_text(name, value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"header {name!r}: {value} is not a finite number")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_text(name, key)
+            _check_value(name, item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(name, item)
+    else:
+        check_header_integers(name, value)
+
+
+def _check_text(name: str, text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"header {name!r}: {text[:40]!r} holds a lone surrogate escape, not Unicode text"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,13 +1,29 @@
 """Hooks the relay calls as it works, for metrics and health (no-ops by default).
 
-Subclass :class:`RelayObserver` and override what you need. An exception in a
-hook is logged and ignored: observing must never stop the relay.
+Subclass :class:`RelayObserver` and override what you need; a relay calls
+each hook on every observer it was given (``Relay(observers=...)``,
+``Relay.add_observer``), in that order. An exception in a hook is logged and
+ignored, and the other observers still get the call: observing must never
+stop the relay.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Literal
+
+# The name of each hook of RelayObserver, as the relay calls it on every observer.
+Hook = Literal[
+    "loop_ticked",
+    "batch_published",
+    "events_confirmed",
+    "publish_failed",
+    "event_dead",
+    "partitions_changed",
+    "broker_connected",
+    "store_available",
+]
 
 
 class RelayObserver:

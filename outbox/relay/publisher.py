@@ -34,7 +34,7 @@ from outbox.errors import (
     PublishError,
     UnsendableEventError,
 )
-from outbox.redaction import describe_url, redact, redact_error, register_secrets_in
+from outbox.redaction import SecretUrl, describe_url, redact, redact_error, register_secrets_in
 from outbox.relay.frames import PublishEncoder, write_batch
 from outbox.relay.message import OutgoingMessage
 
@@ -194,6 +194,34 @@ def tls_options(
         options["certfile"] = cert
         options["keyfile"] = key
     return options
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    """Where the relay publishes: the broker URL, the exchange, the TLS files (PEM).
+
+    ``url`` is kept as a :class:`~outbox.redaction.SecretUrl`, so ``repr()``
+    never shows its password; None when the command was given none.
+    """
+
+    url: str | None
+    exchange: str
+    ssl_ca: str | None = None
+    ssl_cert: str | None = None
+    ssl_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not isinstance(self.url, SecretUrl):
+            object.__setattr__(self, "url", SecretUrl(self.url))
+
+    def tls(self) -> dict[str, Any] | None:
+        """The py-amqp TLS options of :func:`tls_options`; None without a URL or TLS files.
+
+        The relay and ``outbox check`` both connect with these, so they agree.
+        """
+        if self.url is None:
+            return None
+        return tls_options(self.url, ca=self.ssl_ca, cert=self.ssl_cert, key=self.ssl_key)
 
 
 @dataclass(eq=False)
@@ -640,6 +668,7 @@ __all__ = [
     "TIMEOUT",
     "UNSENDABLE",
     "AmqpPublisher",
+    "BrokerSettings",
     "KombuPublisher",
     "PublishError",
     "PublishResult",
@@ -647,13 +676,3 @@ __all__ = [
     "open_publisher",
     "tls_options",
 ]
-
-
-def broker_tls(values: dict[str, Any]) -> dict[str, Any] | None:
-    """TLS options for the broker connection from the broker_ssl_* settings."""
-    return tls_options(
-        values["broker_url"],
-        ca=values.get("broker_ssl_ca"),
-        cert=values.get("broker_ssl_cert"),
-        key=values.get("broker_ssl_key"),
-    )

@@ -30,13 +30,13 @@ exchanges that live consumers read. The routing key stays the row's.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from outbox.envelope.jsontext import parse_json
 from outbox.errors import PublishError
 from outbox.logs import emit
 from outbox.relay.message import OutgoingMessage, build_message
@@ -111,7 +111,7 @@ def replay(
 
 def _message(row: EventRow, source: str, type_prefix: str | None) -> OutgoingMessage:
     """The message the relay sent for ``row`` (same headers), marked as a replay."""
-    data = json.loads(row.payload)
+    data = parse_json(row.payload, exact_integers=False)  # for its action and schema
     schema = data["resource"]["schema"]
     # The replay's own --exchange, never the row's (see the module docstring).
     row = row._replace(exchange=None)

@@ -19,10 +19,10 @@ the mark is lost, those rows are still pending and get published again with
 their message ids: a duplicate, which at-least-once delivery already allows,
 never a loss or a reordering. The producer's transactions are unaffected.
 
-Ownership fence: with ``owner`` set, the fetch returns rows only while
-``owner`` still holds every requested partition by a lease that has not
-expired by the database's clock, checked in the same statement; a relay that
-lost a partition gets nothing until its next rebalance tells it what it owns.
+Ownership fence: with ``owner`` set, the partitions ``owner`` holds by a
+lease unexpired on the database's clock are read in the same round trip,
+before the fetch (``HELD``), and the rows are kept only if the fence allows
+them: :func:`outbox.store.fence.fetchable`, the rule SQLite's path applies too.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from psycopg.rows import args_row
+
+from outbox.store import fence
 
 _COLUMNS = (
     "position, event_id, ordering_key, partition, routing_key, resource_type, "
@@ -50,20 +52,9 @@ FETCH = (
     " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
     f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
 )
-FETCH_OWNED = (
-    f"SELECT {_COLUMNS} FROM outbox_event AS e"
-    " WHERE e.state = 'pending' AND e.partition = ANY(%(partitions)s::smallint[])"
-    " AND e.position <> ALL(%(exclude)s::bigint[])"
-    " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
-    # Evaluated once per query (an InitPlan), so the plan above stays the
-    # pending-index scan: all requested partitions still leased, or no rows.
-    " AND (SELECT array_agg(p.partition) FROM outbox_partition AS p"
-    "  WHERE p.owner = %(owner)s AND p.lease_expires_at > now())"
-    "  @> %(partitions)s::smallint[]"
-    f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
-)
 FETCH_BEFORE_0003 = FETCH.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
-FETCH_OWNED_BEFORE_0003 = FETCH_OWNED.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
+# The partitions ``owner`` holds right now: what the fence compares the request with.
+HELD = "SELECT partition FROM outbox_partition WHERE owner = %(owner)s AND lease_expires_at > now()"
 MARK = (
     "UPDATE outbox_event SET state = 'delivered', delivered_at = now(),"
     " attempts = attempts + 1, last_error = NULL"
@@ -105,20 +96,21 @@ def mark_and_fetch(
             )
         # The columns in the order of the row class's fields: built positionally.
         fetch_cursor = connection.cursor(row_factory=args_row(row_class))
+        held_cursor = None
         fetched = False
         if partitions and limit > 0:
+            if owner is not None:
+                # In the pipeline too: no round trip of its own. The fetch runs
+                # regardless; the fence decides below whether its rows count.
+                held_cursor = connection.cursor()
+                held_cursor.execute(HELD, {"owner": owner}, prepare=prepare)
             params: dict[str, Any] = {
                 "partitions": list(partitions),
                 "exclude": list(exclude),
                 "skip_keys": list(skip_keys),
                 "limit": limit,
             }
-            if owner is not None:
-                params["owner"] = owner
-            if row_exchanges:
-                query = FETCH if owner is None else FETCH_OWNED
-            else:
-                query = FETCH_BEFORE_0003 if owner is None else FETCH_OWNED_BEFORE_0003
+            query = FETCH if row_exchanges else FETCH_BEFORE_0003
             fetch_cursor.execute(query, params, prepare=prepare)
             fetched = True
         # No window in which a relay frozen after the round trip sits idle in
@@ -129,4 +121,8 @@ def mark_and_fetch(
     if mark:
         marked = mark_cursor.rowcount
     rows: list[Any] = fetch_cursor.fetchall() if fetched else []
+    if held_cursor is not None:
+        held = [partition for (partition,) in held_cursor.fetchall()]
+        if not fence.fetchable(partitions, held):
+            rows = []
     return marked, rows

@@ -44,7 +44,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 
 from outbox.redaction import redact
-from outbox.store import pgfast, table
+from outbox.store import fence, pgfast, table
 from outbox.store.driver_errors import translated
 
 T = TypeVar("T")
@@ -242,14 +242,15 @@ class SqlStore:
     ) -> list[EventRow]:
         """Mark ``mark`` delivered, then fetch like :meth:`fetch_pending`, in one transaction.
 
-        With ``owner``, only partitions whose lease ``owner`` holds right now
-        (by the database's clock) are read: the fence against a relay that
-        lost them. PostgreSQL does both in one round trip (:mod:`outbox.store.pgfast`).
+        With ``owner``, rows are read only while ``owner`` holds every one of
+        ``partitions`` by a lease unexpired on the database's clock, else none
+        (:func:`outbox.store.fence.fetchable`): the fence against a relay that
+        lost one. PostgreSQL does it all in one round trip (:mod:`outbox.store.pgfast`).
         """
         if not self.is_postgresql:
             self.mark_delivered(mark, delete_rows=delete_rows)
-            if owner is not None:
-                partitions = self._owned(owner, partitions)
+            if owner is not None and partitions and limit > 0:
+                partitions = fence.fetchable(partitions, self._held(owner))
             return self.fetch_pending(partitions, limit, exclude, skip_keys)
 
         def work(connection: Connection) -> list[EventRow]:
@@ -279,12 +280,9 @@ class SqlStore:
 
         return self._run(work)
 
-    def _owned(self, owner: str, partitions: Sequence[int]) -> list[int]:
-        query = select(P.c.partition).where(
-            P.c.partition.in_(list(partitions)),
-            P.c.owner == owner,
-            P.c.lease_expires_at > self._at(),
-        )
+    def _held(self, owner: str) -> list[int]:
+        """The partitions ``owner`` holds right now (pgfast.HELD on PostgreSQL)."""
+        query = select(P.c.partition).where(P.c.owner == owner, P.c.lease_expires_at > self._at())
         return self._run(lambda c: [r.partition for r in c.execute(query)])
 
     def mark_dead(self, position: int, reason: str) -> None:
@@ -428,7 +426,7 @@ class SqlStore:
 
         return self._run(work)
 
-    # -- operations: metrics and retention (issue 6) ----------------------------
+    # -- operations: metrics and retention ----------------------------
 
     def backlog(self) -> Backlog:
         """Pending and dead counts and the oldest pending creation time.

@@ -116,7 +116,8 @@ partition = Table(
     Column("partition", SmallInteger(), primary_key=True, autoincrement=False),
     Column("owner", Text(), nullable=True),
     Column("lease_expires_at", DateTime(timezone=True), nullable=True),
-    # Bumped on every change of owner: a fencing token the owner checks when marking.
+    # Bumped on every change of owner: the relay compares epochs after each
+    # rebalance and drops what it queued for a partition that changed hands.
     Column("epoch", BigInteger(), nullable=False, server_default=text("0")),
 )
 
