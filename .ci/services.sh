@@ -24,7 +24,7 @@ if ! amqp_port_open 2>/dev/null; then
 fi
 wait_for RabbitMQ 90 amqp_port_open
 
-# Redis: the tests of kombu's Redis transport (tests/test_redis_transport.py).
+# Redis: the tests of kombu's Redis transport (tests/integration/relay/test_redis_transport.py).
 redis_port_open() { python3 -c 'import socket; socket.create_connection(("127.0.0.1", 6379), 1).close()'; }
 if ! redis_port_open 2>/dev/null; then
     mkdir -p /var/lib/redis /var/log/redis

@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+from tests.paths import ROOT
+
+DOCS = ROOT / "docs"
 _FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<code>.*?)^```\s*$", re.M | re.S)
 
 

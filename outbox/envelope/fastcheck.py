@@ -13,7 +13,7 @@ here as plain comparisons:
   because the same few schema URIs repeat);
 - ``content`` is an object.
 
-``tests/test_fastcheck.py`` proves with hypothesis that :func:`is_valid_envelope`
+``tests/unit/envelope/test_fastcheck.py`` proves with hypothesis that :func:`is_valid_envelope`
 agrees with the jsonschema validator on generated documents, valid and
 invalid. When it says no, :func:`check_envelope` asks jsonschema for the
 message, so errors read the same as before.

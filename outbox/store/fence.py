@@ -10,9 +10,9 @@ until its next rebalance tells it what it holds, rather than going on with
 the partitions it happens to keep.
 
 Both backends apply this one function (:mod:`outbox.store.sqlstore` for
-SQLite, :mod:`outbox.store.pgfast` for PostgreSQL); ``tests/contract/`` holds
-them to it. Marking is not fenced: a relay marks only rows the broker
-confirmed to it.
+SQLite, :mod:`outbox.store.pgfast` for PostgreSQL); the store contract suite
+(``tests/integration/store/test_store_contract.py``) holds them to it.
+Marking is not fenced: a relay marks only rows the broker confirmed to it.
 """
 
 from __future__ import annotations

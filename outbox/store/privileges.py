@@ -2,7 +2,7 @@
 
 ``outbox check`` verifies these privileges (:mod:`outbox.ops.check`);
 ``sql/relay_role.sql``, which ``outbox grant-relay-role`` runs and DBAs apply
-with psql, grants them (tests/test_security.py proves it grants exactly
+with psql, grants them (tests/acceptance/test_security.py proves it grants exactly
 these). Add a table the relay uses here and to the SQL file together.
 """
 

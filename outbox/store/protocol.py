@@ -2,7 +2,8 @@
 
 Exactly what the relay calls, nothing more. :class:`~outbox.store.sqlstore.SqlStore`
 is the implementation (SQLite through SQLAlchemy Core, PostgreSQL's hot path
-through :mod:`outbox.store.pgfast`); ``tests/contract/`` is the behaviour every
+through :mod:`outbox.store.pgfast`). The contract suite,
+``tests/integration/store/test_store_contract.py``, is the behaviour every
 implementation must show, run against each backend.
 """
 

@@ -7,11 +7,30 @@ chain of imports between parts is longer than the layers are many.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 from tests.unit.import_graph import cycles, file_graph, longest_chain, part_graph
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Where a test lives says what it needs (docs/architecture.md, "Tests").
+TEST_KINDS = frozenset({"unit", "integration", "acceptance", "faults", "migrations"})
+# The fixtures and constants of tests/conftest.py that reach a running server.
+SERVICE_NAMES = frozenset(
+    {
+        "AMQP_URL",
+        "PG_ADMIN_URL",
+        "amqp_url",
+        "bound_queue",
+        "empty_pg_database",
+        "exchange_name",
+        "pg_database",
+        "pg_engine",
+        "pg_template",
+        "pg_url",
+    }
+)
 
 # Top to bottom. A part imports only parts of lower layers.
 LAYERS: tuple[frozenset[str], ...] = (
@@ -68,3 +87,40 @@ def test_the_graph_sees_imports_inside_functions_but_not_type_checking_ones(
     assert files["outbox.high"] == {"outbox.low.thing"}
     assert files["outbox.low.thing"] == set()
     assert part_graph(files)["high"] == {"low"}
+
+
+def test_every_test_file_sits_under_its_kind() -> None:
+    tests = ROOT / "tests"
+    misplaced = [
+        str(path.relative_to(tests))
+        for path in tests.rglob("test_*.py")
+        if path.relative_to(tests).parts[0] not in TEST_KINDS
+    ]
+    assert misplaced == []
+
+
+def _names_used(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text("utf-8"))
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
+    names |= {
+        arg.arg
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        for arg in node.args.args
+    }
+    return names
+
+
+def test_unit_tests_need_no_server() -> None:
+    """A unit test runs on a machine with no PostgreSQL or broker (SQLite is embedded)."""
+    reaching = {
+        str(path.relative_to(ROOT)): sorted(_names_used(path) & SERVICE_NAMES)
+        for path in (ROOT / "tests" / "unit").rglob("*.py")
+    }
+    assert {path: names for path, names in reaching.items() if names} == {}

@@ -37,8 +37,9 @@ from tests.ops_support import (
     running_relay,
     wait_for,
 )
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = ROOT
 BIN = Path(sys.executable).parent
 OUTBOX_TABLES = set(table.metadata.tables)
 HEAD = "outbox_0003"
@@ -460,7 +461,7 @@ def _assert_readers_see_our_head(env: dict[str, str], url: str, amqp_url: str) -
     check = subprocess.run(
         [str(BIN / "outbox"), "check"], env=env, capture_output=True, text=True, timeout=60
     )
-    # Only the migrations line: the other checks are tested in tests/test_check.py.
+    # Only the migrations line: the other checks are tested in tests/integration/ops/test_check.py.
     line = _migrations_line(check.stdout)
     assert line.startswith("PASS") and f"schema at {HEAD}" in line, check.stdout
     port = free_port()

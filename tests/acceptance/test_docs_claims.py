@@ -18,6 +18,7 @@ from outbox.store import migrate
 from outbox.store.engine import create_outbox_engine
 from tests.conftest import drain_queue, pg_url
 from tests.ops_support import free_port, get, publish_events, relay_values, running_relay, wait_for
+from tests.paths import ROOT
 
 OUTBOX = str(Path(sys.executable).parent / "outbox")
 
@@ -72,7 +73,7 @@ def test_readyz_fails_on_another_revision_while_the_relay_publishes(
 
 
 def test_operations_page_says_what_readyz_does() -> None:
-    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    text = (ROOT / "docs" / "operations.md").read_text()
     (row,) = [line for line in text.splitlines() if line.startswith("| `/readyz` |")]
     assert "has not run" not in row  # the relay exits at start instead (test above)
     assert "another revision" in row

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "sqlalchemy.md"
+from tests.paths import ROOT
+
+DOC = ROOT / "docs" / "sqlalchemy.md"
 BLOCK = re.compile(r"```python\n(?P<code>.*?)```", re.S)
 
 

@@ -17,7 +17,7 @@ from outbox.relay.loop import Relay, RelaySettings
 from outbox.relay.publisher import open_publisher
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
-from tests.test_hooks_support import Base, Case, CaseNote
+from tests.hooks_models import Base, Case, CaseNote
 
 WRITERS = 4
 CHANGES_PER_WRITER = 8

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 
 import outbox
 from outbox.errors import BulkChangeError
-from tests.test_hooks_support import Base, Case, CaseNote, events, summary
+from tests.hooks_models import Base, Case, CaseNote, events, summary
 
 
 async def exercise(url: str) -> None:

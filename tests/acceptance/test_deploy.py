@@ -32,8 +32,9 @@ from outbox.cli import settings
 from outbox.cli.main import build_parser
 from outbox.store import table
 from tests.docblocks import code_blocks, outbox_argv, shell_commands
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
 RELAY_HTTP_PORT = 9464
 
 
@@ -361,8 +362,8 @@ def test_kubernetes_containers_run_outbox_commands_with_known_settings() -> None
 
 
 def test_deployment_shell_examples_name_what_exists() -> None:
-    """The image, services, settings and ports its commands name (tests/test_docs_examples.py
-    checks their syntax and their `outbox` arguments)."""
+    """The image, services, settings and ports its commands name
+    (tests/acceptance/test_docs_examples.py checks their syntax and their `outbox` arguments)."""
     blocks = code_blocks("deployment.md")
     assert blocks and {b.language for b in blocks} == {"bash"}
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

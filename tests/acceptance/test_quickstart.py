@@ -85,7 +85,7 @@ def test_quickstart_runs_as_written(
     try:
         for block in code_blocks("quickstart.md"):
             if block.section == SERVICE_SECTION:
-                continue  # executed by tests/test_migrations.py
+                continue  # executed by tests/migrations/test_migrations.py
             if block.language == "python":
                 code = block.code.replace('"case-events"', repr(queue_name))
                 exec(compile(code, "docs/quickstart.md", "exec", dont_inherit=True), namespace)

@@ -24,7 +24,7 @@ from outbox.schemas.registry import SchemaRegistry
 from outbox.store import table
 from outbox.store.engine import create_outbox_engine
 from tests.conftest import PG_ADMIN_URL, pg_url
-from tests.test_hooks_support import CASE_SCHEMA, Base, Case
+from tests.hooks_models import CASE_SCHEMA, Base, Case
 
 CASE_URI = "https://example.org/schemas/case"
 CASE: dict[str, Any] = {

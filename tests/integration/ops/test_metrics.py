@@ -23,6 +23,7 @@ from tests.ops_support import (
     versions_of,
     wait_for,
 )
+from tests.paths import DOCS
 
 
 def test_metrics_scraped_over_http_while_relaying(
@@ -99,9 +100,8 @@ def test_each_observer_has_its_own_registry() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    from pathlib import Path
 
-    page = (Path(__file__).parents[1] / "docs" / "operations.md").read_text()
+    page = (DOCS / "operations.md").read_text()
     suffix = {"counter": "_total", "info": "_info"}
     names = [m.name + suffix.get(m.type, "") for m in PrometheusObserver().registry.collect()]
     assert len(names) > 10

@@ -13,8 +13,9 @@ from outbox.cli import settings as config
 from outbox.cli.deploy import configuration_page
 from outbox.cli.main import EXIT_USAGE, build_parser, main
 from outbox.errors import ConfigurationError
+from tests.paths import ROOT
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOCS = ROOT / "docs" / "configuration.md"
 
 
 def test_docs_configuration_md_is_generated_from_the_settings() -> None:

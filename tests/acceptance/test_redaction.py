@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -41,6 +40,7 @@ from outbox.redaction import MASK, MIN_SECRET_LENGTH, redact
 from outbox.store import engine as database
 from tests.conftest import AMQP_URL
 from tests.ops_support import free_port, publish_events
+from tests.paths import ROOT
 
 # Every printable ASCII character, and a few that are not ASCII.
 ALPHABET = "".join(chr(c) for c in range(0x20, 0x7F)) + "éß€日ü😀"
@@ -499,5 +499,5 @@ def test_relay_subprocess_logs_json_without_the_password_in_every_failure_mode(
 
 
 def test_the_security_page_states_the_minimum_length() -> None:
-    page = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text("utf-8")
+    page = (ROOT / "docs" / "security.md").read_text("utf-8")
     assert f"Secrets shorter than {MIN_SECRET_LENGTH} characters are not registered" in page

@@ -8,7 +8,7 @@ mid-stream is replaced without a loss, its resent messages carrying their
 original message ids. They also show the weaker part: with no queue bound to
 the exchange, kombu drops the message and the row is marked delivered.
 
-Commit order is recorded as in tests/test_ordering.py: after writing its
+Commit order is recorded as in tests/integration/relay/test_ordering.py: after writing its
 events, each producer transaction increments a per-key counter row, whose lock
 it holds until commit, so one key's counter values are in commit order.
 
@@ -40,7 +40,7 @@ from outbox.relay.message import OutgoingMessage
 from outbox.relay.publisher import KombuPublisher, open_publisher
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import _unavailable, drain_queue
-from tests.test_ordering import count_commit, setup_commit_log
+from tests.integration.relay.test_ordering import count_commit, setup_commit_log
 
 REDIS_URL = os.environ.get("OUTBOX_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 SCHEMA = "https://example.org/schemas/case.json"

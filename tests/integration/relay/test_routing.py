@@ -31,7 +31,7 @@ from outbox.store import migrate, table
 from outbox.store.engine import create_outbox_engine
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
-from tests.test_replay import cli as replay_cli
+from tests.integration.relay.test_replay import cli as replay_cli
 
 SCHEMA = "https://example.org/schemas/case.json"
 

@@ -6,7 +6,6 @@ import json
 import re
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import kombu
 import psycopg
@@ -26,6 +25,7 @@ from outbox.store.engine import create_outbox_engine
 from outbox.store.privileges import RELAY_PRIVILEGES
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import PG_ADMIN_URL, drain_queue, pg_url
+from tests.paths import ROOT
 
 SCHEMA = "https://example.org/schemas/case.json"
 
@@ -161,7 +161,7 @@ def test_role_names_are_quoted_in_the_grants() -> None:
 
 def test_the_shipped_sql_grants_exactly_the_relay_privileges() -> None:
     """relay_role.sql and RELAY_PRIVILEGES (what `outbox check` verifies) are one list."""
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     shipped = (root / "outbox" / "store" / "sql" / "relay_role.sql").read_text("utf-8")
     body = re.sub(r"--[^\n]*", "", shipped)
     granted: dict[str, set[str]] = {}
@@ -175,7 +175,7 @@ def test_the_shipped_sql_grants_exactly_the_relay_privileges() -> None:
 
 
 def test_security_page_shows_the_shipped_grants() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     page = (root / "docs" / "security.md").read_text("utf-8")
     shipped = (root / "outbox" / "store" / "sql" / "relay_role.sql").read_text("utf-8")
     grants = [line for line in shipped.splitlines() if line.startswith("GRANT ")]

@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import Engine
 
 from outbox.cli.main import main
+from tests.paths import ROOT
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "schemas.md"
+DOC = ROOT / "docs" / "schemas.md"
 BLOCK = re.compile(r"(?:<!-- file: (?P<file>\S+) -->\n)?```(?P<lang>\w+)\n(?P<code>.*?)```", re.S)
 
 

@@ -15,7 +15,7 @@ from outbox.errors import BulkChangeError, ResourceContentError
 from outbox.schemas.registry import SchemaRegistry
 from outbox.store.engine import create_outbox_engine
 from tests.conftest import create_database, drop_database, pg_url
-from tests.test_hooks_support import (
+from tests.hooks_models import (
     CASE_SCHEMA,
     Attachment,
     Base,

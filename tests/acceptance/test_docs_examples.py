@@ -4,8 +4,8 @@ shell block passes ``bash -n``, and every ``outbox`` command line in a shell
 block (also through ``docker run`` of the image or ``docker compose exec``) is
 accepted by the ``outbox`` command's own parser.
 
-The quickstart's blocks are run for real (tests/test_quickstart.py); the
-manifests and the deployment page are checked further in tests/test_deploy.py.
+The quickstart's blocks are run for real (tests/acceptance/test_quickstart.py); the
+manifests and the deployment page are checked further in tests/acceptance/test_deploy.py.
 """
 
 from __future__ import annotations
