@@ -59,7 +59,8 @@ from outbox.relay.publisher import (
     TIMEOUT,
     UNSENDABLE,
 )
-from outbox.store.sqlstore import Backlog, SqlStore
+from outbox.store.rows import Backlog
+from outbox.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from outbox.ops.metrics import (
     table_gauges_unknown,
 )
 from outbox.relay.loop import Relay
-from outbox.store.sqlstore import Backlog, SqlStore
+from outbox.store.rows import Backlog
+from outbox.store.sqlstore import SqlStore
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ from outbox.relay.publisher import (
     PublishResult,
 )
 from outbox.store.protocol import Store
-from outbox.store.sqlstore import EventRow, Lease
+from outbox.store.rows import EventRow, Lease
 
 log = logging.getLogger(__name__)
 

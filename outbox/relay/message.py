@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from outbox.envelope.jsontext import parse_json
 from outbox.envelope.limits import check_exchange_name, check_header_integers
 from outbox.errors import UnsendableEventError
-from outbox.store.sqlstore import EventRow
+from outbox.store.rows import EventRow
 
 CONTENT_TYPE_JSON = "application/json"
 CLOUDEVENTS_SPEC_VERSION = "1.0"

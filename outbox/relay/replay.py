@@ -42,7 +42,7 @@ from outbox.logs import emit
 from outbox.relay.message import OutgoingMessage, build_message
 from outbox.relay.publisher import Publisher
 from outbox.store.admin import AdminStore
-from outbox.store.sqlstore import EventRow
+from outbox.store.rows import EventRow
 
 log = logging.getLogger(__name__)
 

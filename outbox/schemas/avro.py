@@ -27,7 +27,7 @@ from outbox.errors import ContentValidationError, EnvelopeError, SchemaError
 
 if TYPE_CHECKING:
     from outbox.schemas.registry import SchemaRegistry
-    from outbox.store.sqlstore import EventRow
+    from outbox.store.rows import EventRow
 
 MAGIC = b"\xc3\x01"
 CONTENT_TYPE = "application/avro"  # the single-object encoding, per the Avro spec's media type

@@ -46,7 +46,7 @@ from outbox.store import table
 from outbox.store.driver_errors import store_error
 
 if TYPE_CHECKING:
-    from outbox.store.sqlstore import EventRow
+    from outbox.store.rows import EventRow
 
 # Gives the connection to read the registry through, only when a reload is due.
 ConnectionSource = Callable[[], Connection]

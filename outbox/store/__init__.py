@@ -6,6 +6,7 @@ errors become the outbox's own in :mod:`outbox.store.driver_errors`.
 """
 
 from outbox.store.protocol import Store
-from outbox.store.sqlstore import EventRow, Lease, SqlStore
+from outbox.store.rows import EventRow, Lease
+from outbox.store.sqlstore import SqlStore
 
 __all__ = ["EventRow", "Lease", "SqlStore", "Store"]

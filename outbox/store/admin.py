@@ -17,7 +17,8 @@ from sqlalchemy import Connection, Select, false, func, insert, select, text, up
 
 from outbox.errors import OutboxError
 from outbox.store import table
-from outbox.store.sqlstore import EventRow, SqlStore
+from outbox.store.rows import EventRow
+from outbox.store.sqlstore import SqlStore
 
 E = table.event
 A = table.dead_letter_audit

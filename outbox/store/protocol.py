@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from outbox.store.sqlstore import EventRow, Lease
+from outbox.store.rows import EventRow, Lease
 
 
 class Store(Protocol):

@@ -12,10 +12,8 @@ import datetime as dt
 import math
 import os
 import socket
-import uuid
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import (
@@ -46,47 +44,12 @@ from sqlalchemy.exc import DBAPIError
 from outbox.redaction import redact
 from outbox.store import fence, pgfast, table
 from outbox.store.driver_errors import translated
+from outbox.store.rows import Backlog, EventRow, Lease
 
 T = TypeVar("T")
 E = table.event
 P = table.partition
 R = table.relay
-
-
-class EventRow(NamedTuple):
-    """One outbox row as the relay sees it.
-
-    A named tuple, not a frozen dataclass: the relay builds one per event on its
-    hot path, and a frozen dataclass's ``__init__`` costs five times as much.
-    Field order is the column order of :data:`outbox.store.pgfast.FETCH`.
-    """
-
-    position: int
-    event_id: uuid.UUID
-    ordering_key: str
-    partition: int
-    routing_key: str
-    resource_type: str
-    payload: str
-    # The stored JSON text, parsed per row by the relay: a hostile document
-    # (nested beyond the parser's depth) then fails that row, not the fetch.
-    headers: str | None
-    schema_version: int | None
-    created_at: dt.datetime
-    attempts: int
-    # The exchange to publish to; None: the relay's own.
-    exchange: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Lease:
-    """Partitions this relay owns, with the epoch at which it acquired each."""
-
-    epochs: dict[int, int]
-
-    @property
-    def partitions(self) -> list[int]:
-        return sorted(self.epochs)
 
 
 _EVENT_COLUMNS = (
@@ -468,13 +431,6 @@ class SqlStore:
             E.c.position.in_(chosen.scalar_subquery()), E.c.state == table.DELIVERED
         )
         return self._run(lambda c: c.execute(statement).rowcount)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Backlog:
-    pending: int
-    dead: int
-    oldest_pending_created_at: dt.datetime | None
 
 
 def _age_seconds(oldest: Any, now: Any) -> float | None:

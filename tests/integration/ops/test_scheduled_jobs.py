@@ -14,7 +14,8 @@ from outbox.errors import StoreUnavailable
 from outbox.logs import FIELDS_ATTR
 from outbox.ops.metrics import PrometheusObserver
 from outbox.ops.operations import BACKLOG_LOG_INTERVAL, BacklogJob, sql_store
-from outbox.store.sqlstore import Backlog, SqlStore
+from outbox.store.rows import Backlog
+from outbox.store.sqlstore import SqlStore
 from tests.ops_support import publish_events, relay_values
 
 

@@ -17,7 +17,8 @@ from outbox.relay.message import build_message
 from outbox.relay.publisher import CONNECTION, AmqpPublisher, open_publisher
 from outbox.store import table
 from outbox.store.engine import create_outbox_engine
-from outbox.store.sqlstore import EventRow, SqlStore
+from outbox.store.rows import EventRow
+from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
 
 SCHEMA = "https://example.org/schemas/case.json"

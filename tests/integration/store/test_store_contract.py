@@ -23,7 +23,8 @@ import outbox
 from outbox.envelope import ordering
 from outbox.store import table
 from outbox.store.protocol import Store
-from outbox.store.sqlstore import EventRow, SqlStore
+from outbox.store.rows import EventRow
+from outbox.store.sqlstore import SqlStore
 
 SCHEMA = "https://example.org/schemas/case.json"
 PARTITIONS = table.DEFAULT_PARTITIONS

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from outbox.cli.settings import ce_source, ce_type_prefix
 from outbox.envelope import validation
 from outbox.relay.message import ENVELOPE_SCHEMA_URI, build_message, type_namespace
-from outbox.store.sqlstore import EventRow
+from outbox.store.rows import EventRow
 
 
 @pytest.mark.parametrize(
