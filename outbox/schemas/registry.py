@@ -75,6 +75,18 @@ class SchemaVersion:
     fingerprint: str  # sha256 hex of the canonical form
     registered_at: dt.datetime | None = None
 
+    @classmethod
+    def from_row(cls, row: Any) -> SchemaVersion:
+        """A version as ``outbox_schema`` stores it (the document as JSON text)."""
+        return cls(
+            uri=row.uri,
+            version=row.version,
+            format=row.format,
+            document=json.loads(row.document),
+            fingerprint=row.fingerprint,
+            registered_at=row.registered_at,
+        )
+
     def to_dict(self, *, with_document: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {
             "uri": self.uri,
@@ -237,16 +249,7 @@ class SchemaRegistry:
             raise store_error(exc) from exc
         snapshot = _Snapshot()
         for row in rows:
-            snapshot.by_uri.setdefault(row.uri, []).append(
-                SchemaVersion(
-                    uri=row.uri,
-                    version=row.version,
-                    format=row.format,
-                    document=json.loads(row.document),
-                    fingerprint=row.fingerprint,
-                    registered_at=row.registered_at,
-                )
-            )
+            snapshot.by_uri.setdefault(row.uri, []).append(SchemaVersion.from_row(row))
         self._install(snapshot)
 
     def _install(self, snapshot: _Snapshot) -> None:
@@ -531,17 +534,7 @@ class SchemaRegistry:
             rows = connection.execute(
                 select(S).where(S.c.uri == uri).order_by(S.c.version)
             ).fetchall()
-            versions = [
-                SchemaVersion(
-                    uri=r.uri,
-                    version=r.version,
-                    format=r.format,
-                    document=json.loads(r.document),
-                    fingerprint=r.fingerprint,
-                    registered_at=r.registered_at,
-                )
-                for r in rows
-            ]
+            versions = [SchemaVersion.from_row(r) for r in rows]
             decided = self._decide(uri, document, format, mode, versions)
             if versions and decided.version <= versions[-1].version:
                 return decided
