@@ -69,3 +69,13 @@ def measure_cpu() -> Iterator[CpuUse]:
         if group is not None:
             used = seconds - before.get(pid, (name, 0.0))[1]
             use.seconds[group] = use.seconds.get(group, 0.0) + used
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far; 0 if unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -29,6 +29,7 @@ from outbox.ops.operations import OperationsSettings
 from outbox.redaction import SecretUrl, register_secrets_in
 from outbox.relay.loop import RelaySettings
 from outbox.relay.publisher import BrokerSettings
+from outbox.relay.settings import DEFAULT_WINDOW
 from outbox.store.engine import normalize_url
 from outbox.units import duration_seconds, port_number
 
@@ -145,8 +146,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="exchange", help="topic exchange the relay publishes to", default="outbox"),
     Setting(
         name="batch_size",
-        help="rows fetched and published per batch",
+        help="rows fetched (and marked delivered) per database round trip",
         default=500,
+        parse=positive_int,
+        commands=RELAY,
+    ),
+    Setting(
+        name="window",
+        help="messages sent and not yet confirmed by the broker, at most (never two of "
+        "one ordering key); the relay sends as confirms free room",
+        default=DEFAULT_WINDOW,
         parse=positive_int,
         commands=RELAY,
     ),
@@ -167,7 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         name="confirm_timeout",
-        help="seconds to wait for the broker to confirm a batch before resending it",
+        help="seconds to wait for the broker to confirm a message; past it, everything "
+        "in flight is resent on a new connection",
         default=10.0,
         parse=positive_float,
         commands=RELAY,
@@ -483,6 +493,7 @@ def _typed(values: Mapping[str, Any]) -> Settings:
         ),
         relay=RelaySettings(
             batch_size=values["batch_size"],
+            window=values["window"],
             poll_interval=values["poll_interval"],
             lease_ttl=values["lease_ttl"],
             confirm_timeout=values["confirm_timeout"],

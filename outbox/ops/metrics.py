@@ -135,13 +135,13 @@ class PrometheusObserver(RelayObserver):
         )
         self.batch_duration = Histogram(
             f"{PREFIX}_batch_duration_seconds",
-            "Time from sending a batch to the broker's last confirm of it.",
+            "Age of the oldest message in the window when a group of confirms arrives.",
             buckets=_BATCH_SECONDS,
             registry=r,
         )
         self.batch_size = Histogram(
             f"{PREFIX}_batch_size_events",
-            "Events confirmed per batch.",
+            "Events confirmed together (one read of the broker's confirms).",
             buckets=_BATCH_SIZES,
             registry=r,
         )
@@ -226,7 +226,7 @@ class PrometheusObserver(RelayObserver):
 
     def publish_failed(self, kind: str, count: int) -> None:
         self._alive()
-        self.publish_failures.labels(reason=kind).inc()
+        self.publish_failures.labels(reason=kind).inc(count)
 
     def event_dead(self, ordering_key: str, reason: str) -> None:
         self._alive()

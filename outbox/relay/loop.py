@@ -4,21 +4,20 @@ Orchestration only, over a store, a publisher and a wake-up source, so it can
 be embedded and tested with fakes; signals, scheduling and configuration live
 in :mod:`outbox.cli`.
 
-Fetched rows become messages in a queue kept per ordering key. Each send is a
-*wave*: the oldest queued message of every key, so that a key never has more
-than one unconfirmed message on the wire. Whatever the broker does to a
-message (nack, return, refusal, timeout, lost connection), nothing later of
-its key was sent behind it, so first arrivals of a key are always in commit
-order. One iteration overlaps database work with broker work::
+The relay streams. Fetched rows become messages in one lane per ordering key
+(:mod:`outbox.relay.lanes`); the publisher keeps a window of up to ``window``
+messages the broker has not confirmed, and as confirms arrive the room they
+free is filled again at once. A key never has more than one unconfirmed
+message on the wire: whatever the broker does to a message (nack, return,
+refusal, timeout, lost connection), nothing later of its key was sent behind
+it, so first arrivals of a key are always in commit order. The database work
+runs on the relay's database thread, beside the broker's::
 
-    fetch more rows     | broker routes and confirms wave N
-    mark wave N-1       |
-    validate, encode    |
-    wait for N's confirms; what the broker confirmed is marked next iteration
-    send wave N+1
+    main thread: send into the window | read confirms | send what they freed ...
+    database thread:  mark the confirmed, fetch and prepare more rows, renew leases
 
 Rows are never marked delivered before the broker confirmed them. A message
-the broker did not confirm goes back to the head of its key's queue and is
+the broker did not confirm goes back to the head of its key's lane and is
 resent with its message id. A row that can never become a message (invalid,
 unencodable, refused by the broker) is marked dead with the reason and holds
 only its key; nothing a single row holds can stop the loop.
@@ -26,112 +25,75 @@ only its key; nothing a single row holds can stop the loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
-from outbox.envelope import fastcheck, limits
-from outbox.envelope.jsontext import parse_json
 from outbox.errors import (
     BrokerUnavailable,
-    EnvelopeError,
     OutboxError,
     PublishError,
-    StoreError,
     StoreUnavailable,
     UnsendableEventError,
 )
 from outbox.logs import emit
 from outbox.relay.backoff import Backoff, FailureLog
-from outbox.relay.message import CONTENT_TYPE_JSON, OutgoingMessage, build_message
+from outbox.relay.lanes import Lanes
+from outbox.relay.message import OutgoingMessage
 from outbox.relay.observer import Hook, RelayObserver
-from outbox.relay.publisher import (
+from outbox.relay.outcome import (
     EXHAUSTED,
     NACKED,
     REFUSED,
     RETURNED,
+    TIMEOUT,
     UNSENDABLE,
-    Publisher,
-    PublishResult,
+    Failure,
 )
+from outbox.relay.preparing import (
+    NOT_THE_ROWS_FAULT,
+    BodyEncoder,
+    Validator,
+    message_for,
+    reason_of,
+)
+from outbox.relay.publisher import Publisher
+from outbox.relay.settings import DEFAULT_WINDOW, UNROUTABLE_POLICIES, RelaySettings
+from outbox.relay.wakeup import Bell, Wakeup
 from outbox.store.protocol import Store
 from outbox.store.rows import EventRow, Lease
 
+__all__ = ["DEFAULT_WINDOW", "UNROUTABLE_POLICIES", "Relay", "RelaySettings", "Wakeup"]
+
 log = logging.getLogger(__name__)
 
-UNROUTABLE_POLICIES = ("retry", "dead")
+# How often the loop answers the broker's heartbeats while it is busy.
+_KEEPALIVE_EVERY = 1.0
+# Confirmed rows wait at most this long (seconds) for their mark.
+_MARK_AFTER = 0.1
 
 
-def parse_payload(payload: str) -> Any:
-    """The stored envelope as Python values; ValueError if it is not JSON.
+@dataclass(eq=False)
+class _Job:
+    """Work handed to the database thread; one at a time."""
 
-    The rules of :func:`outbox.envelope.jsontext.parse_json`: standard JSON
-    without NaN or Infinity. The body sent is the stored text, never these
-    values; they serve the checks, so they are read the fast way: an integer
-    beyond 64 bits becomes a float, and content validation compares such a
-    number at double precision.
-    """
-    return parse_json(payload, exact_integers=False)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RelaySettings:
-    batch_size: int = 500
-    poll_interval: float = 1.0
-    lease_ttl: float = 15.0
-    confirm_timeout: float = 10.0
-    unroutable: str = "retry"
-    source: str = "/outbox"
-    # None: the reverse-DNS name of each event's schema URI host (outbox.relay.message).
-    type_prefix: str | None = None
-    backoff_initial: float = 0.2
-    backoff_max: float = 30.0
-    delete_on_delivery: bool = False
-    max_payload_bytes: int = limits.DEFAULT_MAX_PAYLOAD_BYTES
-    # Nacks or returns of one event before it is marked dead; 0: retry for ever.
-    max_attempts: int = 0
-
-    def __post_init__(self) -> None:
-        if self.unroutable not in UNROUTABLE_POLICIES:
-            raise ValueError(f"unroutable must be one of {UNROUTABLE_POLICIES}")
-
-
-class Wakeup:
-    """Set when new work may exist (a NOTIFY); the loop also polls without it."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
-
-
-Validator = Callable[[EventRow, dict[str, object]], None]
-# Returns (body, content type) to send instead of the stored JSON, or None to keep it.
-BodyEncoder = Callable[[EventRow, dict[str, object]], tuple[bytes, str] | None]
-
-# Errors that say nothing about the row being turned into a message: the
-# database, the broker or the process itself failed. Everything else raised
-# while building one message is that row's fault.
-_NOT_THE_ROWS_FAULT: tuple[type[BaseException], ...] = (StoreError, PublishError, MemoryError)
-
-
-def _key_of(message: OutgoingMessage) -> str:
-    return str(message.headers["outbox-key"])
+    future: Future[Any]
+    kind: str  # "fetch" (fetch and prepare) or "rebalance" (renew and share leases)
+    started: float
+    # The lanes' generation when it was submitted: a fetch whose lanes were
+    # cleared meanwhile is dropped (it left out rows the lanes no longer hold).
+    generation: int
+    fetched: bool = False
+    dropped_keys: set[str] = field(default_factory=set)
 
 
 class Relay:
@@ -158,22 +120,31 @@ class Relay:
         self.body_encoder = body_encoder
         self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lease = Lease(epochs={})
+        self._held: frozenset[int] = frozenset()
         self._lease_deadline = 0.0
         self._next_rebalance = 0.0
-        # Prepared messages not sent yet, per ordering key, each key's in position order.
-        self._queue: dict[str, deque[OutgoingMessage]] = {}
-        self._queued = 0
-        self._inflight: list[OutgoingMessage] = []
-        self._sent_at = 0.0
+        self._lanes = Lanes()
+        self._generation = 0
+        # Confirmed, not marked yet; and those the marking thread is marking now.
         self._to_mark: list[int] = []
+        self._marking: list[int] = []
+        self._mark_job: Future[None] | None = None
+        self._confirmed_at = 0.0  # when the oldest confirm in _to_mark arrived
+        self._mark_executor: ThreadPoolExecutor | None = None
+        self._job: _Job | None = None
+        self._job_bell: Bell | None = None
+        # Whether the last fetch may have left rows behind (it was full, keys
+        # were dropped or resumed since): fetch again without waiting for a
+        # NOTIFY. Without it, and with nothing queued or out, the relay is idle.
+        self._more = True
+        self._fetched_at = 0.0
+        self._send_after = 0.0
+        self._next_keepalive = 0.0
         # Keys whose head message no queue is bound for (unroutable=retry): key -> resume time.
         self._paused: dict[str, float] = {}
         self._pause_backoff: dict[str, Backoff] = {}
-        # Keys that lost their queue in this iteration (dead or paused): rows of
-        # theirs fetched meanwhile by the database thread are dropped.
-        self._dropped_keys: set[str] = set()
-        # Messages not confirmed when the broker refused one of a wave: sent
-        # alone until the refused one is found.
+        # Messages not confirmed when the broker refused one of several out:
+        # sent alone until the refused one is found.
         self._suspects: set[int] = set()
         self._unroutable_routes: set[str] = set()
         # Nacks of a queued message since it was fetched, by position.
@@ -209,7 +180,7 @@ class Relay:
         self._observers = (*self._observers, observer)
 
     def run(self, stop: threading.Event) -> None:
-        """Relay until ``stop`` is set, then finish the wave in flight and let go."""
+        """Relay until ``stop`` is set, then settle what is in flight and let go."""
         emit(log, "relay_started", "relay %s started", self.relay_id, relay_id=self.relay_id)
         self._stop = stop
         try:
@@ -224,6 +195,7 @@ class Relay:
         start = self.published_total
         deadline = time.monotonic() + timeout
         self._stop = threading.Event()
+        self._more = True
         try:
             while time.monotonic() < deadline:
                 if self._step_safely(self._stop, wait_when_idle=False):
@@ -268,138 +240,242 @@ class Relay:
         return idle
 
     def _step(self) -> bool:
-        """One iteration; True when there was nothing to do.
+        """One turn of the loop; True when there was nothing to do.
 
-        The database work (mark wave N-1, fetch and prepare more rows) runs on
-        the relay's database thread while this thread waits for the broker to
-        confirm wave N: they overlap instead of alternating. Both threads block
-        in socket calls most of the time, which release the GIL. With nothing
-        in flight there is nothing to overlap, and this thread does it itself.
+        Verdicts first (they free keys and room), then the database work
+        (inline when nothing is in flight: no thread hand-off on the latency
+        path), then fill the window, then wait for whatever comes next: a
+        confirm, the database thread, a NOTIFY, or a deadline.
         """
-        self._maybe_rebalance()
-        self.wakeup.clear()
-        self._resume_paused()
-        self._dropped_keys.clear()
-        # Top up once the queue is down to half a batch: a key with a deep
-        # backlog is sent one message per wave, and the fetch goes on meanwhile
-        # only while that leaves room for other keys' rows.
-        limit = self.settings.batch_size if self._queued <= self.settings.batch_size // 2 else 0
-        if self._suspects:
-            limit = 0
-        # Marks ride along with a fetch, or go alone once a batch of them is
-        # due: waves of one hot key then cost no database round trip each.
-        if limit or len(self._to_mark) >= self.settings.batch_size:
-            to_mark, self._to_mark = self._to_mark, []
-        else:
-            to_mark = []
-        if not limit and not to_mark:
-            back_off = self._collect() if self._inflight else False
-            rows: list[EventRow] = []
-            messages: list[OutgoingMessage] = []
-        else:
-            exclude = [m.position for m in self._inflight]
-            exclude += [m.position for queue in self._queue.values() for m in queue]
-            back_off = False
-            try:
-                if not self._inflight:  # nothing to overlap with: no thread hand-off (latency)
-                    rows, messages = self._mark_fetch_prepare(to_mark, exclude, limit)
-                else:
-                    job = self._database_thread().submit(
-                        self._mark_fetch_prepare, to_mark, exclude, limit
-                    )
-                    try:
-                        back_off = self._collect()
-                    finally:
-                        rows, messages = job.result()
-            except BaseException:
-                # Perhaps not marked (one transaction with the fetch): mark them later;
-                # marking twice is harmless (only pending rows change).
-                self._to_mark[:0] = to_mark
-                raise
-        self._enqueue(messages)
-        if back_off:
-            self._stop.wait(self._publish_backoff.next_delay())
-            return False
-        if self._queued and self._lease_valid():
-            self._send_wave()
-        return not rows and not self._inflight and not self._to_mark and not self._queued
+        now = time.monotonic()
+        if self._job_bell is not None:
+            self._job_bell.clear()  # before looking: a job ending from now on rings it again
+        self._finish_marking()
+        self._finish_job()
+        self._maybe_rebalance(now)
+        self._resume_paused(now)
+        self._settle(0.0)
+        self._expire(now)
+        self._fill_window(now)  # first: what a confirm freed goes out before any database work
+        self._start_marking(now)
+        if self._start_database_work(now):
+            self._fill_window(now)
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + _KEEPALIVE_EVERY
+            self.publisher.keepalive()
+        if self._idle():
+            return True
+        self._wait(now)
+        return False
 
-    def _mark_fetch_prepare(
-        self, to_mark: list[int], exclude: list[int], limit: int
+    def _idle(self) -> bool:
+        return (
+            not self._lanes
+            and self._job is None
+            and self._mark_job is None
+            and not self._to_mark
+            and (not self._more or not self.partitions)
+            and not self.wakeup.is_set()
+        )
+
+    def _wait(self, now: float) -> None:
+        """Block until a confirm, the database thread, a NOTIFY or the next deadline."""
+        if self.publisher.unsettled_news:
+            return  # verdicts the publisher holds, or frames it has not read yet
+        readable: list[int] = []
+        deadlines = [self._next_rebalance, now + _KEEPALIVE_EVERY]
+        if self._to_mark and self._mark_job is None:
+            deadlines.append(self._confirmed_at + _MARK_AFTER)
+        publisher_fd = self.publisher.fileno() if self._lanes.out else None
+        if publisher_fd is not None:
+            readable.append(publisher_fd)
+            oldest = self._lanes.oldest_out()
+            if oldest is not None:
+                deadlines.append(oldest + self.settings.confirm_timeout)
+        if self._job is not None or self._mark_job is not None:
+            assert self._job_bell is not None
+            readable.append(self._job_bell.fileno())
+        if self._job is None:  # else a NOTIFY waits for the fetch under way to end
+            if self.wakeup.is_set():
+                return  # a NOTIFY to act on
+            readable.append(self.wakeup.fileno())
+            deadlines.append(self._fetched_at + self.settings.poll_interval)
+        if self._lanes.has_ready:
+            if self._send_after > now:
+                deadlines.append(self._send_after)
+            elif self._lanes.out < self.settings.window and self._lease_valid():
+                return  # room to send: no reason to wait
+        if self._paused:
+            deadlines.append(min(self._paused.values()))
+        timeout = max(0.0, min(deadlines) - now)
+        if readable:
+            select.select(readable, [], [], timeout)
+        else:
+            self._stop.wait(timeout)
+
+    # -- the database thread ------------------------------------------------------
+
+    def _bell(self) -> Bell:
+        if self._job_bell is None:
+            self._job_bell = Bell()
+        return self._job_bell
+
+    def _submit(self, kind: str, work: Callable[[], Any], now: float) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
+        bell = self._bell()
+        future = self._executor.submit(work)
+        self._job = _Job(future, kind, now, self._generation)
+        future.add_done_callback(lambda _: bell.ring())
+
+    def _finish_job(self, *, wait: bool = False) -> None:
+        """Apply the database thread's job if it is done (or, with ``wait``, once it is)."""
+        job = self._job
+        if job is None or not (wait or job.future.done()):
+            return
+        self._job = None
+        result = job.future.result()
+        if job.kind == "rebalance":
+            self._apply_lease(result, job.started)
+        else:
+            rows, messages = result
+            self._fetched(job, rows, messages)
+
+    def _start_marking(self, now: float) -> None:
+        """Hand what the broker confirmed to the marking thread, if it is free and marks are due.
+
+        Marks run on a thread and a connection of their own, beside the
+        fetches: a mark of 500 rows costs PostgreSQL about as much as the
+        fetch of 500, and the two no longer wait for each other. They are due
+        once a batch has been confirmed, once nothing is left to send, or
+        _MARK_AFTER seconds after the first unmarked confirm: a hot key,
+        confirmed one message at a time, is marked in groups.
+        """
+        if self._mark_job is not None or not self._to_mark:
+            return
+        due = (
+            len(self._to_mark) >= self.settings.batch_size
+            or not self._lanes
+            or now - self._confirmed_at >= _MARK_AFTER
+        )
+        if not due:
+            return
+        if self._mark_executor is None:
+            self._mark_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-mark")
+        self._marking, self._to_mark = self._to_mark, []
+        bell = self._bell()
+        marking = self._marking
+        self._mark_job = self._mark_executor.submit(self._mark_fast, list(marking))
+        self._mark_job.add_done_callback(lambda _: bell.ring())
+
+    def _finish_marking(self, *, wait: bool = False) -> None:
+        job = self._mark_job
+        if job is None or not (wait or job.done()):
+            return
+        self._mark_job = None
+        marking, self._marking = self._marking, []
+        try:
+            job.result()
+        except BaseException:
+            self._to_mark[:0] = marking  # marked later; marking twice is harmless
+            raise
+
+    def _start_database_work(self, now: float) -> bool:
+        """Fetch and prepare more rows, when the lanes run low and rows may be waiting.
+
+        True when it fetched inline (nothing was out), so that what it found can go now.
+        """
+        if self._job is not None or not self._fetch_wanted(now):
+            return False
+        limit = self.settings.batch_size
+        self.wakeup.clear()  # a NOTIFY from now on sets it again
+        self._fetched_at = now
+        # Confirmed rows not marked yet are still pending in the table: leave them out too.
+        exclude = [*self._lanes.positions(), *self._to_mark, *self._marking]
+        partitions = self.partitions
+        paused = list(self._paused)
+        if self._lanes.out:
+            # Fenced: only partitions this relay holds by an unexpired lease.
+            work = lambda: self._fetch_prepare(partitions, exclude, limit, paused)  # noqa: E731
+            self._submit("fetch", work, now)
+            assert self._job is not None
+            self._job.fetched = True
+            return False
+        # Nothing in flight to overlap with: no thread hand-off (latency).
+        job = _Job(Future(), "fetch", now, self._generation, fetched=True)
+        rows, messages = self._fetch_prepare(partitions, exclude, limit, paused)
+        self._fetched(job, rows, messages)
+        return True
+
+    def _may_fetch(self) -> bool:
+        if self._suspects and not self._lanes:
+            self._suspects.clear()  # each was confirmed, resent alone, or dropped with its key
+        return (
+            bool(self.partitions)
+            and not self._suspects
+            and self._lanes.queued <= self.settings.batch_size // 2
+        )
+
+    def _fetch_wanted(self, now: float) -> bool:
+        # Top up once the lanes are down to half a batch: a key with a deep
+        # backlog is sent one message per round trip, and the fetch goes on
+        # meanwhile only while that leaves room for other keys' rows.
+        if not self._may_fetch():
+            return False
+        return (
+            self._more
+            or self.wakeup.is_set()
+            or now - self._fetched_at >= self.settings.poll_interval
+        )
+
+    def _fetch_prepare(
+        self,
+        partitions: list[int],
+        exclude: list[int],
+        limit: int,
+        paused: list[str],
     ) -> tuple[list[EventRow], list[OutgoingMessage]]:
-        # Fenced: only partitions this relay holds by an unexpired lease.
         rows = self.store.mark_and_fetch(
-            to_mark,
-            self.partitions,
+            [],
+            partitions,
             limit,
             exclude,
             owner=self.relay_id,
             delete_rows=self.settings.delete_on_delivery,
-            skip_keys=list(self._paused),
+            skip_keys=paused,
         )
         return rows, self._prepare(rows)
 
-    def _database_thread(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-db")
-        return self._executor
-
-    # -- the queue and its waves ------------------------------------------------
-
-    def _enqueue(self, messages: list[OutgoingMessage]) -> None:
+    def _fetched(self, job: _Job, rows: list[EventRow], messages: list[OutgoingMessage]) -> None:
+        if not job.fetched:
+            return
+        limit = self.settings.batch_size
+        if job.generation != self._generation:
+            self._more = True  # fetched against lanes since cleared: fetch again
+            return
+        self._more = len(rows) >= limit or bool(job.dropped_keys)
+        dropped = job.dropped_keys
         for message in messages:
-            key = _key_of(message)
-            if key in self._dropped_keys or key in self._paused:
+            key = message.ordering_key
+            if key in dropped or key in self._paused:
                 continue  # refetched once the key may go on, in order
-            queue = self._queue.get(key)
-            if queue is None:
-                queue = self._queue[key] = deque()
-            queue.append(message)
-            self._queued += 1
+            self._lanes.add(message)
 
     def _drop_key(self, key: str) -> None:
-        queue = self._queue.pop(key, None)
-        if queue is not None:
-            self._queued -= len(queue)
-        self._dropped_keys.add(key)
+        """Forget the key's lane; a fetch under way drops its rows too (refetched later)."""
+        self._lanes.drop(key)
+        if self._job is not None:
+            self._job.dropped_keys.add(key)
+        self._more = True
 
-    def _clear_queue(self) -> None:
-        self._queue.clear()
-        self._queued = 0
+    def _clear_lanes(self) -> None:
+        self._lanes.clear()
+        self._generation += 1
+        self._more = True
         self._suspects.clear()
         self._nacks.clear()
 
-    def _take_wave(self) -> list[OutgoingMessage]:
-        """The oldest queued message of each key, at most a batch of them."""
-        if self._suspects:
-            for key, queue in self._queue.items():
-                if queue[0].position in self._suspects:
-                    return [self._pop_head(key)]
-            self._suspects.clear()
-        wave: list[OutgoingMessage] = []
-        for key in list(self._queue):
-            wave.append(self._pop_head(key))
-            if len(wave) >= self.settings.batch_size:
-                break
-        return wave
-
-    def _pop_head(self, key: str) -> OutgoingMessage:
-        queue = self._queue[key]
-        message = queue.popleft()
-        if not queue:
-            del self._queue[key]
-        self._queued -= 1
-        return message
-
-    def _put_back(self, messages: list[OutgoingMessage]) -> None:
-        """Unconfirmed messages return to the head of their key's queue."""
-        for message in sorted(messages, key=lambda m: m.position, reverse=True):
-            key = _key_of(message)
-            queue = self._queue.get(key)
-            if queue is None:
-                queue = self._queue[key] = deque()
-            queue.appendleft(message)
-            self._queued += 1
+    # -- the window ------------------------------------------------------------
 
     def _connect(self) -> None:
         try:
@@ -409,34 +485,81 @@ class Relay:
         self._broker_log.recovered("broker reachable again")
         self._observe("broker_connected", True)
 
-    def _send_wave(self) -> None:
-        self._connect()
-        wave = self._take_wave()
-        self._sent_at = time.monotonic()
-        self._inflight = wave
-        self.publisher.send(wave)
+    def _fill_window(self, now: float) -> None:
+        """Send the heads of ready keys into the room the window has."""
+        lanes = self._lanes
+        if not lanes.has_ready or now < self._send_after or not self._lease_valid():
+            return
+        room = self.settings.window - lanes.out
+        if room <= 0:
+            return
+        if self._suspects:
+            if lanes.out:
+                return
+            batch = self._take_suspect(now)
+        else:
+            batch = lanes.take(room, now)
+        held = self._held
+        sendable: list[OutgoingMessage] = []
+        for message in batch:
+            if message.partition in held:
+                sendable.append(message)
+            else:  # given up since it was fetched (a failed send put it back)
+                lanes.done(message)
+                self._drop_key(message.ordering_key)
+        if not sendable:
+            return
+        if not self.publisher.connected:
+            try:
+                self._connect()
+            except BrokerUnavailable:
+                for message in sendable:
+                    lanes.put_back(message)
+                raise
+        self.publisher.send(sendable)
 
-    def _collect(self) -> bool:
-        """Wait for the wave in flight and act on each message's fate.
+    def _take_suspect(self, now: float) -> list[OutgoingMessage]:
+        for key in self._lanes.keys():  # noqa: SIM118 - a method of Lanes
+            head = self._lanes.head(key)
+            if head is not None and head.position in self._suspects:
+                message = self._lanes.take_key(key, now)
+                return [message] if message is not None else []
+        self._suspects.clear()
+        return self._lanes.take(1, now)
 
-        Confirmed messages are queued for marking, wherever they sit in the
-        wave: each is the only unconfirmed message of its key. Returns True
-        when the relay should back off before sending again.
-        """
-        wave, self._inflight = self._inflight, []
-        result = self.publisher.wait(self.settings.confirm_timeout)
-        confirmed = [wave[i] for i in sorted(result.acked)]
-        self._to_mark.extend(m.position for m in confirmed)
-        self.published_total += len(confirmed)
+    def _expire(self, now: float) -> None:
+        """Give up on the window when its oldest message waited past confirm_timeout."""
+        oldest = self._lanes.oldest_out()
+        if oldest is None or now - oldest < self.settings.confirm_timeout:
+            return
+        self.publisher.abort(
+            TIMEOUT, f"no confirm within confirm_timeout ({self.settings.confirm_timeout:g} s)"
+        )
+        self._settle(0.0)
+
+    def _settle(self, timeout: float) -> None:
+        """Act on every verdict the publisher has reached."""
+        settled = self.publisher.settle(timeout)
+        if not settled:
+            return
+        confirmed = settled.confirmed
         if confirmed:
-            self._observe("batch_published", len(confirmed), time.monotonic() - self._sent_at)
+            lanes = self._lanes
+            oldest = lanes.oldest_out() or time.monotonic()
+            for message in confirmed:
+                lanes.done(message)
+            if not self._to_mark:
+                self._confirmed_at = time.monotonic()
+            self._to_mark.extend(m.position for m in confirmed)
+            self.published_total += len(confirmed)
+            self._observe("batch_published", len(confirmed), time.monotonic() - oldest)
             self._observe("events_confirmed", [m.timestamp for m in confirmed])
             self._confirmed(confirmed)
-        if not result.failures:
+        if settled.failed:
+            self._failed(settled.failed)
+        elif confirmed:
             self._publish_backoff.reset()
             self._publish_log.recovered("publishing again")
-            return False
-        return self._failed(wave, result)
 
     def _confirmed(self, messages: list[OutgoingMessage]) -> None:
         for message in messages:
@@ -444,7 +567,7 @@ class Relay:
             if self._nacks:
                 self._nacks.pop(message.position, None)
             if self._pause_backoff:
-                self._pause_backoff.pop(_key_of(message), None)
+                self._pause_backoff.pop(message.ordering_key, None)
             if message.routing_key in self._unroutable_routes:
                 self._unroutable_routes.discard(message.routing_key)
                 emit(
@@ -455,26 +578,22 @@ class Relay:
                     routing_key=message.routing_key,
                 )
 
-    def _failed(self, wave: list[OutgoingMessage], result: PublishResult) -> bool:
+    def _failed(self, failures: list[Failure]) -> None:
         retry: list[OutgoingMessage] = []
         kinds: dict[str, int] = {}
-        for index, (kind, detail) in sorted(result.failures.items()):
-            message = wave[index]
+        first_failure = failures[0]
+        for failure in failures:
+            message, kind, detail = failure.message, failure.kind, failure.detail
             kinds[kind] = kinds.get(kind, 0) + 1
-            if kind == UNSENDABLE or (
-                kind == REFUSED and (len(wave) == 1 or index in result.refused_alone)
-            ):
-                self._dead(message.position, _key_of(message), message.message_id, detail, kind)
+            if kind == UNSENDABLE or (kind == REFUSED and failure.own):
+                self._dead(message, detail, kind)
             elif kind == REFUSED:
                 self._suspects.add(message.position)
                 retry.append(message)
             elif kind in (NACKED, RETURNED) and self._out_of_attempts(message):
                 # The broker refused this very message max_attempts times.
                 attempts = self.settings.max_attempts
-                reason = f"{kind} {attempts} times (max_attempts): {detail}"
-                self._dead(
-                    message.position, _key_of(message), message.message_id, reason, EXHAUSTED
-                )
+                self._dead(message, f"{kind} {attempts} times (max_attempts): {detail}", EXHAUSTED)
             elif kind == RETURNED:
                 self._unroutable(message, detail)
             else:  # nacked, timeout, connection: the broker may take it next time
@@ -486,24 +605,24 @@ class Relay:
         if not self.publisher.connected:
             self._observe("broker_connected", False)
         if not retry:
-            return False
-        self._put_back(retry)
+            return
+        for message in retry:
+            self._lanes.put_back(message)
         first = min(retry, key=lambda m: m.position)
-        self.store.record_failure([m.position for m in retry], f"{result.failure}: {result.detail}")
+        summary = f"{first_failure.kind}: {first_failure.detail}"
+        self.store.record_failure([m.position for m in retry], summary)
         if all(m.position in self._suspects for m in retry):
-            return False  # sent alone next, no waiting: the broker was not unwell
+            return  # sent alone next, no waiting: the broker was not unwell
+        self._send_after = time.monotonic() + self._publish_backoff.next_delay()
         self._publish_log.failed(
-            "publish of %d of %d messages failed (%s: %s); resending them, first event %s",
+            "publish of %d messages failed (%s); resending them, first event %s",
             len(retry),
-            len(wave),
-            result.failure,
-            result.detail,
+            summary,
             first.message_id,
-            reason=result.failure,
+            reason=first_failure.kind,
             event_id=first.message_id,
-            key=_key_of(first),
+            key=first.ordering_key,
         )
-        return True
 
     def _out_of_attempts(self, message: OutgoingMessage) -> bool:
         """Whether this failure is the ``max_attempts``-th of the message (0: never).
@@ -519,10 +638,10 @@ class Relay:
         return failures >= limit
 
     def _unroutable(self, message: OutgoingMessage, detail: str) -> None:
-        key = _key_of(message)
+        key = message.ordering_key
         if self.settings.unroutable == "dead":
             reason = f"unroutable: {detail}"
-            self._dead(message.position, key, message.message_id, reason, RETURNED)
+            self._dead(message, reason, RETURNED)
             return
         # Retry that key alone, backing off, while every other key goes on.
         backoff = self._pause_backoff.get(key)
@@ -531,6 +650,7 @@ class Relay:
                 self.settings.backoff_initial, self.settings.backoff_max
             )
         self._paused[key] = time.monotonic() + backoff.next_delay()
+        self._lanes.done(message)
         self._drop_key(key)
         self.store.record_failure([message.position], f"unroutable: {detail}")
         if message.routing_key not in self._unroutable_routes:
@@ -549,18 +669,20 @@ class Relay:
                 key=key,
             )
 
-    def _resume_paused(self) -> None:
+    def _resume_paused(self, now: float) -> None:
         if not self._paused:
             return
-        now = time.monotonic()
         for key in [k for k, at in self._paused.items() if at <= now]:
             del self._paused[key]
+            self._more = True  # its rows were left out of the fetches meanwhile
 
-    def _dead(self, position: int, key: str, event_id: str, reason: str, cause: str) -> None:
-        """Mark a sent row dead: the rest of its key leaves the queue, held behind it."""
-        self._mark_dead(position, key, event_id, reason, cause)
-        self._nacks.pop(position, None)
-        self._drop_key(key)
+    def _dead(self, message: OutgoingMessage, reason: str, cause: str) -> None:
+        """Mark a sent row dead: the rest of its key leaves the lanes, held behind it."""
+        self._lanes.done(message)
+        self._mark_dead(message.position, message.ordering_key, message.message_id, reason, cause)
+        self._nacks.pop(message.position, None)
+        self._suspects.discard(message.position)
+        self._drop_key(message.ordering_key)
 
     def _mark_dead(self, position: int, key: str, event_id: str, reason: str, cause: str) -> None:
         """Mark one row dead; its key is held until an operator retries or skips it.
@@ -583,11 +705,6 @@ class Relay:
         )
         self._observe("event_dead", key, cause)
 
-    def _mark(self, positions: list[int]) -> None:
-        if positions:
-            self.store.mark_delivered(positions, delete_rows=self.settings.delete_on_delivery)
-            positions.clear()
-
     # -- rows into messages -------------------------------------------------------
 
     def _prepare(self, rows: Sequence[EventRow]) -> list[OutgoingMessage]:
@@ -603,15 +720,17 @@ class Relay:
             if row.ordering_key in held:
                 continue
             try:
-                messages.append(self._message_for(row))
-            except _NOT_THE_ROWS_FAULT:
+                messages.append(
+                    message_for(row, self.settings, self.content_validator, self.body_encoder)
+                )
+            except NOT_THE_ROWS_FAULT:
                 raise
             except Exception as exc:
                 held.add(row.ordering_key)
                 # Unsendable: what AMQP or the size limit cannot carry; the rest is invalid data.
                 cause = UNSENDABLE if isinstance(exc, UnsendableEventError) else "invalid"
                 self._mark_dead(
-                    row.position, row.ordering_key, str(row.event_id), _reason(exc), cause
+                    row.position, row.ordering_key, str(row.event_id), reason_of(exc), cause
                 )
         if not messages:
             return messages
@@ -620,7 +739,7 @@ class Relay:
             return messages
         kept: list[OutgoingMessage] = []
         for message in messages:
-            key = _key_of(message)
+            key = message.ordering_key
             if key in held:
                 continue
             reason = unsendable.get(message.position)
@@ -631,50 +750,41 @@ class Relay:
             kept.append(message)
         return kept
 
-    def _message_for(self, row: EventRow) -> OutgoingMessage:
-        try:
-            data = parse_payload(row.payload)
-        except (ValueError, RecursionError) as exc:  # Recursion: nested too deeply
-            raise EnvelopeError(f"invalid JSON: {exc}") from None
-        fastcheck.check_envelope(data)
-        if self.content_validator is not None:
-            self.content_validator(row, data)
-        encoded = self.body_encoder(row, data) if self.body_encoder else None
-        body, content_type = encoded or (None, CONTENT_TYPE_JSON)
-        message = build_message(
-            row,
-            data["action"],
-            data["resource"]["schema"],
-            source=self.settings.source,
-            type_prefix=self.settings.type_prefix,
-            body=body,
-            content_type=content_type,
-        )
-        limits.check_payload_size(len(message.body), self.settings.max_payload_bytes)
-        return message
-
     # -- leases -----------------------------------------------------------------
 
     def _lease_valid(self) -> bool:
         return time.monotonic() < self._lease_deadline
 
-    def _maybe_rebalance(self) -> None:
-        now = time.monotonic()
-        if now < self._next_rebalance:
+    def _maybe_rebalance(self, now: float) -> None:
+        """Renew the leases every lease_ttl / 5 (and take a fair share), beside the window.
+
+        On the database thread while messages are out: a renewal never stalls
+        the window. Giving up a partition with messages of it out keeps order
+        (each is its key's only message out, and its key's later rows are only
+        sent by the new owner after it is confirmed or marked); the new owner
+        may send it again, with its id.
+        """
+        if now < self._next_rebalance or self._job is not None:
             return
         ttl = self.settings.lease_ttl
-        if self._inflight:
-            self._collect()  # never release a partition with messages in flight
-        self._mark(self._to_mark)
-        lease = self.store.rebalance(self.relay_id, ttl)  # also registers this relay
+        self._next_rebalance = now + ttl / 5
+
+        def renew() -> Lease:
+            return self.store.rebalance(self.relay_id, ttl)  # also registers this relay
+
+        if self._lanes.out:
+            self._submit("rebalance", renew, now)
+            return
+        self._apply_lease(renew(), now)
+
+    def _apply_lease(self, lease: Lease, asked_at: float) -> None:
         self._registered = True
         # Count the lease from before the request: the database's expiry is later.
-        self._lease_deadline = now + ttl * 0.8
-        self._next_rebalance = now + ttl / 5
+        self._lease_deadline = asked_at + self.settings.lease_ttl * 0.8
         if lease.epochs != self._lease.epochs:
             # Queued rows may belong to partitions given up, or be stale for
             # partitions another relay published meanwhile: fetch them anew.
-            self._clear_queue()
+            self._clear_lanes()
             emit(
                 log,
                 "relay_partitions_changed",
@@ -685,19 +795,37 @@ class Relay:
             )
             self._observe("partitions_changed", lease.partitions, self.store.partition_count())
         self._lease = lease
+        self._held = frozenset(lease.partitions)
 
     # -- shutdown and waiting ---------------------------------------------------
 
+    def _settle_all(self) -> None:
+        """Wait for the verdict of every message out, at most confirm_timeout."""
+        deadline = time.monotonic() + self.settings.confirm_timeout
+        while self._lanes.out:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._expire(time.monotonic() + self.settings.confirm_timeout)
+                break
+            if self.publisher.in_flight == 0 and self.publisher.fileno() is None:
+                self._settle(0.0)
+                break
+            self._settle(min(remaining, 0.5))
+
     def _recover_from_error(self) -> None:
         """After an error: learn what the broker confirmed, refetch the rest from the table."""
-        if self._inflight:
-            try:
-                self._collect()
-            except OutboxError:
-                self._inflight = []
-        self._clear_queue()
+        with contextlib.suppress(OutboxError):
+            self._settle_all()
+        for message in self._lanes.out_messages():  # no verdict will come for them now
+            self._lanes.put_back(message)
+        self._clear_lanes()
 
     def _shutdown(self) -> None:
+        for finish in (self._finish_job, self._finish_marking):
+            try:
+                finish(wait=True)
+            except OutboxError as exc:
+                emit(log, "relay_shutdown_incomplete", "%s", exc, level=logging.WARNING)
         try:
             self._recover_from_error()
             self._mark(self._to_mark)
@@ -708,14 +836,28 @@ class Relay:
         finally:
             self._registered = False
             self._lease = Lease(epochs={})
+            self._held = frozenset()
             self._lease_deadline = 0.0
             self._next_rebalance = 0.0
-            self._clear_queue()
+            self._clear_lanes()
             self._paused.clear()
             self.publisher.close()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            for executor in (self._executor, self._mark_executor):
+                if executor is not None:
+                    executor.shutdown(wait=True)
+            self._executor = self._mark_executor = None
+            if self._job_bell is not None:
+                self._job_bell.close()
+                self._job_bell = None
+
+    def _mark_fast(self, positions: list[int]) -> None:
+        """Mark while relaying: one round trip, an asynchronous commit (docs/performance.md)."""
+        self.store.mark_and_fetch(positions, [], 0, delete_rows=self.settings.delete_on_delivery)
+
+    def _mark(self, positions: list[int]) -> None:
+        if positions:
+            self.store.mark_delivered(positions, delete_rows=self.settings.delete_on_delivery)
+            positions.clear()
 
     def _idle_timeout(self) -> float:
         now = time.monotonic()
@@ -740,9 +882,3 @@ class Relay:
                     hook=hook,
                     observer=type(observer).__name__,
                 )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, EnvelopeError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"

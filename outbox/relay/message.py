@@ -52,12 +52,18 @@ class OutgoingMessage:
     attempts: int = 0
     # The exchange the row names; None: the publisher's own.
     exchange: str | None = None
+    # The row's ordering key (also the outbox-key header) and partition.
+    ordering_key: str = ""
+    partition: int = 0
 
 
+# The events of one transaction share their created_at: convert each moment once.
+@functools.lru_cache(maxsize=1024)
 def _utc(moment: dt.datetime) -> dt.datetime:
     return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
 
 
+@functools.lru_cache(maxsize=1024)
 def _ce_time(moment: dt.datetime) -> str:
     text = moment.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
@@ -189,4 +195,6 @@ def build_message(
         headers=headers,
         attempts=row.attempts,
         exchange=row.exchange,
+        ordering_key=row.ordering_key,
+        partition=row.partition,
     )

@@ -31,14 +31,15 @@ class RelayObserver:
         """The relay loop went round once (liveness)."""
 
     def batch_published(self, count: int, seconds: float) -> None:
-        """``count`` messages were confirmed and marked delivered."""
+        """The broker confirmed ``count`` messages (their rows are marked next); ``seconds``
+        is how long the oldest message then in the window had waited."""
 
     def events_confirmed(self, created_at: Sequence[dt.datetime]) -> None:
         """The broker confirmed messages whose rows were created at these moments
         (aware, UTC; one per message), right after :meth:`batch_published`."""
 
     def publish_failed(self, kind: str, count: int) -> None:
-        """``count`` messages of a wave were not confirmed; ``kind`` is nacked,
+        """``count`` messages sent were not confirmed; ``kind`` is nacked,
         unroutable, timeout, connection, refused or unsendable."""
 
     def event_dead(self, ordering_key: str, reason: str) -> None:

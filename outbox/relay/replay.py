@@ -40,7 +40,7 @@ from outbox.envelope.jsontext import parse_json
 from outbox.errors import PublishError
 from outbox.logs import emit
 from outbox.relay.message import OutgoingMessage, build_message
-from outbox.relay.publisher import Publisher
+from outbox.relay.publisher import Publisher, publish_batch
 from outbox.store.admin import AdminStore
 from outbox.store.rows import EventRow
 
@@ -131,8 +131,7 @@ def _publish_confirmed(
     for attempt in range(1, attempts + 1):
         try:
             publisher.connect()
-            publisher.send(remaining)
-            result = publisher.wait(timeout)
+            result = publish_batch(publisher, remaining, timeout)
         except PublishError as exc:
             failure = str(exc)
         else:

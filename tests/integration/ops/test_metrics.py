@@ -93,7 +93,7 @@ def test_each_observer_has_its_own_registry() -> None:
     assert first.registry.get_sample_value("outbox_published_events_total") == 3
     assert second.registry.get_sample_value("outbox_published_events_total") == 0
     assert (
-        first.registry.get_sample_value("outbox_publish_failures_total", {"reason": "timeout"}) == 1
+        first.registry.get_sample_value("outbox_publish_failures_total", {"reason": "timeout"}) == 3
     )
     assert first.registry.get_sample_value("outbox_partitions_owned") == 3
     assert first.registry.get_sample_value("outbox_partitions_standby") == 13

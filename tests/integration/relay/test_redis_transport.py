@@ -253,25 +253,26 @@ class Crash(BaseException):
 
 
 class CrashingPublisher:
-    """The Redis publisher, until the relay dies right after its ``waves``-th wave
+    """The Redis publisher, until the relay dies right after the ``sends``-th send
     reached Redis, before the rows were marked delivered."""
 
-    def __init__(self, inner: KombuPublisher, waves: int) -> None:
-        self._inner, self._left = inner, waves
+    def __init__(self, inner: KombuPublisher, sends: int) -> None:
+        self._inner, self._left = inner, sends
         self.crashed = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def wait(self, timeout: float) -> Any:
+    def settle(self, timeout: float = 0.0) -> Any:
         if self.crashed:
             raise Crash  # a dead process does no shutdown either
-        result = self._inner.wait(timeout)
-        self._left -= 1
-        if self._left <= 0:
-            self.crashed = True
-            raise Crash
-        return result
+        settled = self._inner.settle(timeout)
+        if settled.confirmed:
+            self._left -= 1
+            if self._left <= 0:
+                self.crashed = True
+                raise Crash
+        return settled
 
 
 def test_a_relay_stopped_or_killed_mid_stream_loses_nothing_through_redis(
@@ -291,8 +292,8 @@ def test_a_relay_stopped_or_killed_mid_stream_loses_nothing_through_redis(
     _wait_until(lambda: delivered() >= 10, 30, "the first relay to deliver 10")
     first.stop()
     assert first.error is None, first.error
-    # Second relay: dies right after a wave reached Redis, before marking it.
-    crashing = CrashingPublisher(open_publisher(redis_url, exchange.name), waves=3)
+    # Second relay: dies right after a send reached Redis, before marking it.
+    crashing = CrashingPublisher(open_publisher(redis_url, exchange.name), sends=3)
     second = Relaying(pg_engine, crashing)
     second.thread.join(timeout=30)
     assert isinstance(second.error, Crash), second.error
@@ -366,7 +367,9 @@ def test_the_kombu_publisher_sends_to_each_rows_exchange(
     ]
     try:
         publisher.send(messages)
-        assert publisher.wait(1).failures == {}
+        settled = publisher.settle()
+        assert settled.failed == []
+        assert settled.confirmed == messages
     finally:
         publisher.close()
     for queue, expected in ((other, ["m0", "m2"]), (redis_queue, ["m1"])):

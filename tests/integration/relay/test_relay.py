@@ -24,7 +24,7 @@ import outbox
 from outbox.envelope import ordering, validation
 from outbox.relay.loop import Relay, RelaySettings
 from outbox.relay.message import OutgoingMessage
-from outbox.relay.publisher import Publisher, PublishResult, open_publisher
+from outbox.relay.publisher import Publisher, Settled, open_publisher
 from outbox.store import table
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
@@ -317,8 +317,22 @@ class RecordingPublisher:
             self.partitions.add(ordering.partition_of(key, table.DEFAULT_PARTITIONS))
         self.inner.send(messages)
 
-    def wait(self, timeout: float) -> PublishResult:
-        return self.inner.wait(timeout)
+    def settle(self, timeout: float = 0.0) -> Settled:
+        return self.inner.settle(timeout)
+
+    def abort(self, kind: str, detail: str) -> None:
+        self.inner.abort(kind, detail)
+
+    def fileno(self) -> int | None:
+        return self.inner.fileno()
+
+    @property
+    def in_flight(self) -> int:
+        return self.inner.in_flight
+
+    @property
+    def unsettled_news(self) -> bool:
+        return self.inner.unsettled_news
 
     def close(self) -> None:
         self.inner.close()

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 import outbox
 from outbox.relay.loop import Relay, RelaySettings
 from outbox.relay.message import build_message
-from outbox.relay.publisher import CONNECTION, AmqpPublisher, open_publisher
+from outbox.relay.publisher import CONNECTION, AmqpPublisher, open_publisher, publish_batch
 from outbox.store import table
 from outbox.store.engine import create_outbox_engine
 from outbox.store.rows import EventRow
@@ -98,7 +98,7 @@ def test_relay_that_lost_its_partitions_publishes_nothing(
         RelaySettings(lease_ttl=60),
         relay_id="stale",
     )
-    stale._maybe_rebalance()
+    stale._maybe_rebalance(time.monotonic())
     assert len(stale.partitions) == 16  # its local lease is still valid for a while
 
     # It stalls (say a long pause) while its leases expire and another relay claims them.
@@ -151,10 +151,8 @@ def test_idle_publisher_keeps_its_broker_connection(
         kept.keepalive()
         time.sleep(0.2)
     message = build_message(_row(), "update", SCHEMA, source="/test")
-    kept.send([message])
-    assert kept.wait(10).confirmed == 1
-    silent.send([message])
-    assert silent.wait(10).failure == CONNECTION  # what keepalive prevents
+    assert publish_batch(kept, [message], 10).confirmed == 1
+    assert publish_batch(silent, [message], 10).failure == CONNECTION  # what keepalive prevents
     kept.close()
     silent.close()
 

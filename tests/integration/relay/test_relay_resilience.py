@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import kombu
@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session
 import outbox
 from outbox.errors import ConfigurationError
 from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.message import OutgoingMessage
 from outbox.relay.observer import RelayObserver
-from outbox.relay.publisher import NACKED, RETURNED, open_publisher
+from outbox.relay.publisher import NACKED, RETURNED, Publisher, Settled, open_publisher
 from outbox.store import table
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue, pg_url
@@ -310,6 +311,44 @@ def bounded_queue(amqp_url: str, exchange_name: str) -> Iterator[str]:
         connection.default_channel.queue_delete(name)
 
 
+class VerdictLog:
+    """The AMQP publisher, recording for each verdict when its message was sent."""
+
+    def __init__(self, inner: Publisher) -> None:
+        self.inner = inner
+        self.sends = 0
+        self.sent_as: dict[int, int] = {}  # position -> the number of its latest send
+        # (send number, "ok" or a failure kind, how many had been sent by then)
+        self.verdicts: list[tuple[int, str, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def send(self, messages: Sequence[OutgoingMessage]) -> None:
+        for message in messages:
+            self.sends += 1
+            self.sent_as[message.position] = self.sends
+        self.inner.send(messages)
+
+    def settle(self, timeout: float = 0.0) -> Settled:
+        settled = self.inner.settle(timeout)
+        for message in settled.confirmed:
+            self.verdicts.append((self.sent_as[message.position], "ok", self.sends))
+        for failure in settled.failed:
+            self.verdicts.append((self.sent_as[failure.message.position], failure.kind, self.sends))
+        return settled
+
+    def nacks_in_mid_window(self) -> int:
+        """Nacks of a message that had others sent after it, on the wire behind it."""
+        return sum(1 for sent, kind, by_then in self.verdicts if kind == NACKED and by_then > sent)
+
+    def confirms_after_a_nack(self) -> int:
+        """Confirms of a message sent after one that was nacked, in the same window."""
+        nacked = [sent for sent, kind, _ in self.verdicts if kind == NACKED]
+        confirmed = [sent for sent, kind, _ in self.verdicts if kind == "ok"]
+        return sum(1 for c in confirmed if any(n < c for n in nacked))
+
+
 def test_nacks_in_mid_wave_keep_first_arrivals_of_every_key_in_commit_order(
     pg_engine: Engine, amqp_url: str, exchange_name: str, bounded_queue: str
 ) -> None:
@@ -327,9 +366,10 @@ def test_nacks_in_mid_wave_keep_first_arrivals_of_every_key_in_commit_order(
             committed[f"case:1:{key_id}"] += publish(pg_engine, key_id, range(round_, round_ + 1))
     total = sum(map(len, committed.values()))
     clock = FailureClock()
+    verdicts = VerdictLog(open_publisher(amqp_url, exchange_name))
     relay = Relay(
         SqlStore(pg_engine),
-        open_publisher(amqp_url, exchange_name),
+        verdicts,
         RelaySettings(poll_interval=0.01, backoff_initial=0.01, backoff_max=0.02),
         observers=[clock],
     )
@@ -352,6 +392,10 @@ def test_nacks_in_mid_wave_keep_first_arrivals_of_every_key_in_commit_order(
         stop.set()
         thread.join(15)
     assert sum(1 for _, kind in clock.failures if kind == NACKED) >= 3, "the broker never nacked"
+    # In the middle of the window: nacked messages had others sent behind them,
+    # and messages sent after a nacked one were confirmed.
+    assert verdicts.nacks_in_mid_window() >= 1
+    assert verdicts.confirms_after_a_nack() >= 1
     first_seen: dict[str, list[str]] = defaultdict(list)
     seen: set[str] = set()
     for key, message_id in arrivals:

@@ -27,7 +27,8 @@ from outbox.cli import settings as config
 from outbox.envelope.model import Envelope
 from outbox.envelope.validation import check_envelope
 from outbox.errors import ConfigurationError, EnvelopeError, OutboxError
-from outbox.relay.loop import Relay, RelaySettings, parse_payload
+from outbox.relay.loop import Relay, RelaySettings
+from outbox.relay.preparing import parse_payload
 from outbox.relay.publisher import open_publisher
 from outbox.store import migrate, table
 from outbox.store.engine import create_outbox_engine
