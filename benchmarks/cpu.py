@@ -16,6 +16,7 @@ from pathlib import Path
 GROUPS = ("broker", "postgres", "this process", "kernel")
 _BROKER = ("beam.smp", "erl_child_setup", "inet_gethost", "epmd")
 _KERNEL = ("kworker", "ksoftirqd", "jbd2", "kswapd")
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _group(pid: int, name: str) -> str | None:
@@ -30,19 +31,22 @@ def _group(pid: int, name: str) -> str | None:
     return None
 
 
+def _read_stat(path: Path) -> tuple[str, float] | None:
+    """(command name, CPU seconds used: user + system) from a /proc stat file; None if gone."""
+    try:
+        stat = path.read_text()
+    except OSError:
+        return None  # exited meanwhile
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return name, (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def _cpu_by_pid() -> dict[int, tuple[str, float]]:
-    ticks = os.sysconf("SC_CLK_TCK")
     found: dict[int, tuple[str, float]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        found[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        if entry.name.isdigit() and (read := _read_stat(entry / "stat")) is not None:
+            found[int(entry.name)] = read
     return found
 
 
@@ -73,9 +77,5 @@ def measure_cpu() -> Iterator[CpuUse]:
 
 def process_cpu(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used so far; 0 if unreadable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    read = _read_stat(Path(f"/proc/{pid}/stat"))
+    return 0.0 if read is None else read[1]

@@ -343,17 +343,9 @@ def relay_process_drain_rate(ctx: Context, events: int | None = None) -> tuple[f
     expected = ctx.events if events is None else events
     relay = _relay_process(ctx)
     try:
+        # Polled every 2 ms: the relay drains before the clock starts for as long as that.
+        _wait_for_owner(ctx, 60.0, poll=0.002, process=relay)
         with psycopg.connect(libpq(ctx.database_url), autocommit=True) as conn:
-            deadline = time.monotonic() + 60
-            while True:
-                owned = conn.execute(
-                    "SELECT count(*) FROM outbox_partition WHERE owner IS NOT NULL"
-                ).fetchone()
-                if owned is not None and owned[0]:
-                    break
-                if time.monotonic() > deadline or relay.poll() is not None:
-                    raise RuntimeError("the relay process did not take its partitions")
-                time.sleep(0.002)
             start = time.perf_counter()
             cpu_start = process_cpu(relay.pid)
             while conn.execute(
@@ -694,7 +686,14 @@ def _relay_process(ctx: Context) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_for_owner(ctx: Context, timeout: float = 30.0) -> None:
+def _wait_for_owner(
+    ctx: Context,
+    timeout: float = 30.0,
+    *,
+    poll: float = 0.05,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Until a relay holds a partition; fails early if ``process`` (the relay) exited."""
     deadline = time.monotonic() + timeout
     with psycopg.connect(libpq(ctx.database_url), autocommit=True) as conn:
         while time.monotonic() < deadline:
@@ -703,7 +702,9 @@ def _wait_for_owner(ctx: Context, timeout: float = 30.0) -> None:
             ).fetchone()
             if row is not None and row[0] > 0:
                 return
-            time.sleep(0.05)
+            if process is not None and process.poll() is not None:
+                break
+            time.sleep(poll)
     raise RuntimeError("the relay did not take its partitions")
 
 

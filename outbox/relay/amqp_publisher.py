@@ -307,8 +307,8 @@ class AmqpPublisher:
             try:
                 refused = self._declare_exchanges(messages)
             except _DECLARE_ERRORS as exc:
-                self._drop(CONNECTION, f"connection lost while declaring exchanges: {exc}")
                 detail = f"connection lost while declaring exchanges: {exc}"
+                self._drop(CONNECTION, detail)
                 self._settled.failed.extend(Failure(m, CONNECTION, detail) for m in messages)
                 return
         connection = self._connection

@@ -78,23 +78,25 @@ class Lanes:
         lane = self._lanes.get(key)
         return lane[0] if lane else None
 
+    def _release(self, message: OutgoingMessage) -> bool:
+        """``message`` is no longer out, nor its key busy; False if it was not out."""
+        if self._out.pop(message.position, None) is None:
+            return False
+        if self._busy.get(message.ordering_key) == message.position:
+            del self._busy[message.ordering_key]
+        return True
+
     def done(self, message: OutgoingMessage) -> None:
         """``message`` is settled for good (confirmed, or dead): its key may go on."""
-        if self._out.pop(message.position, None) is None:
-            return
         key = message.ordering_key
-        if self._busy.get(key) == message.position:
-            del self._busy[key]
-            if key in self._lanes:
-                self._ready[key] = None
+        if self._release(message) and key in self._lanes and key not in self._busy:
+            self._ready[key] = None
 
     def put_back(self, message: OutgoingMessage) -> None:
         """``message`` was not confirmed: it heads its lane again, and goes first."""
-        if self._out.pop(message.position, None) is None:
+        if not self._release(message):
             return
         key = message.ordering_key
-        if self._busy.get(key) == message.position:
-            del self._busy[key]
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = deque()
@@ -116,14 +118,16 @@ class Lanes:
         self._ready.clear()
         self.queued = 0
 
+    def forget_out(self) -> None:
+        """Forget the messages out too: no verdict will come for them (their rows are refetched)."""
+        self._out.clear()
+        self._busy.clear()
+
     def oldest_out(self) -> float | None:
         """When the oldest message out was taken; None with nothing out."""
         for _, taken_at in self._out.values():
             return taken_at
         return None
-
-    def out_messages(self) -> list[OutgoingMessage]:
-        return [message for message, _ in self._out.values()]
 
     def positions(self) -> Iterator[int]:
         """Every position queued or out (the fetch leaves them out)."""

@@ -67,12 +67,12 @@ from outbox.relay.preparing import (
     reason_of,
 )
 from outbox.relay.publisher import Publisher
-from outbox.relay.settings import DEFAULT_WINDOW, UNROUTABLE_POLICIES, RelaySettings
+from outbox.relay.settings import RelaySettings
 from outbox.relay.wakeup import Bell, Wakeup
 from outbox.store.protocol import Store
 from outbox.store.rows import EventRow, Lease
 
-__all__ = ["DEFAULT_WINDOW", "UNROUTABLE_POLICIES", "Relay", "RelaySettings", "Wakeup"]
+__all__ = ["Relay", "RelaySettings", "Wakeup"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,6 @@ class _Job:
     # The lanes' generation when it was submitted: a fetch whose lanes were
     # cleared meanwhile is dropped (it left out rows the lanes no longer hold).
     generation: int
-    fetched: bool = False
     dropped_keys: set[str] = field(default_factory=set)
 
 
@@ -364,8 +363,7 @@ class Relay:
             self._mark_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-mark")
         self._marking, self._to_mark = self._to_mark, []
         bell = self._bell()
-        marking = self._marking
-        self._mark_job = self._mark_executor.submit(self._mark_fast, list(marking))
+        self._mark_job = self._mark_executor.submit(self._mark_fast, self._marking)
         self._mark_job.add_done_callback(lambda _: bell.ring())
 
     def _finish_marking(self, *, wait: bool = False) -> None:
@@ -398,11 +396,9 @@ class Relay:
             # Fenced: only partitions this relay holds by an unexpired lease.
             work = lambda: self._fetch_prepare(partitions, exclude, limit, paused)  # noqa: E731
             self._submit("fetch", work, now)
-            assert self._job is not None
-            self._job.fetched = True
             return False
         # Nothing in flight to overlap with: no thread hand-off (latency).
-        job = _Job(Future(), "fetch", now, self._generation, fetched=True)
+        job = _Job(Future(), "fetch", now, self._generation)
         rows, messages = self._fetch_prepare(partitions, exclude, limit, paused)
         self._fetched(job, rows, messages)
         return True
@@ -447,8 +443,6 @@ class Relay:
         return rows, self._prepare(rows)
 
     def _fetched(self, job: _Job, rows: list[EventRow], messages: list[OutgoingMessage]) -> None:
-        if not job.fetched:
-            return
         limit = self.settings.batch_size
         if job.generation != self._generation:
             self._more = True  # fetched against lanes since cleared: fetch again
@@ -530,8 +524,11 @@ class Relay:
     def _expire(self, now: float) -> None:
         """Give up on the window when its oldest message waited past confirm_timeout."""
         oldest = self._lanes.oldest_out()
-        if oldest is None or now - oldest < self.settings.confirm_timeout:
-            return
+        if oldest is not None and now - oldest >= self.settings.confirm_timeout:
+            self._give_up_window()
+
+    def _give_up_window(self) -> None:
+        """Every message out fails as ``timeout``, on a connection dropped for good."""
         self.publisher.abort(
             TIMEOUT, f"no confirm within confirm_timeout ({self.settings.confirm_timeout:g} s)"
         )
@@ -805,7 +802,7 @@ class Relay:
         while self._lanes.out:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._expire(time.monotonic() + self.settings.confirm_timeout)
+                self._give_up_window()
                 break
             if self.publisher.in_flight == 0 and self.publisher.fileno() is None:
                 self._settle(0.0)
@@ -816,8 +813,7 @@ class Relay:
         """After an error: learn what the broker confirmed, refetch the rest from the table."""
         with contextlib.suppress(OutboxError):
             self._settle_all()
-        for message in self._lanes.out_messages():  # no verdict will come for them now
-            self._lanes.put_back(message)
+        self._lanes.forget_out()  # whatever is still out gets no verdict now
         self._clear_lanes()
 
     def _shutdown(self) -> None:

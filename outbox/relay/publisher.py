@@ -185,12 +185,14 @@ def publish_batch(
     deadline = time.monotonic() + timeout
 
     def take(settled: Settled) -> int:
+        """Record the batch's verdicts among ``settled``; how many there were."""
+        taken = sum(id(m) in index for m in settled.confirmed)
         for failure in settled.failed:
-            if id(failure.message) in index:
-                failures[index[id(failure.message)]] = (failure.kind, failure.detail)
-        return sum(id(m) in index for m in settled.confirmed) + sum(
-            id(f.message) in index for f in settled.failed
-        )
+            at = index.get(id(failure.message))
+            if at is not None:
+                failures[at] = (failure.kind, failure.detail)
+                taken += 1
+        return taken
 
     publisher.send(messages)
     while pending:
