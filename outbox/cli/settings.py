@@ -139,7 +139,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         name="broker_url",
         help="kombu URL of the broker (amqp://user:pass@host:5672//); "
-        "AMQP URLs get pipelined publisher confirms",
+        "AMQP URLs get pipelined publisher confirms; several nodes of a cluster as "
+        "url1;url2;url3, tried in order from the last node that worked "
+        "(see docs/replicas.md#clusters)",
         secret=True,
         required=True,
     ),

@@ -10,8 +10,9 @@ from typing import Any
 import kombu
 from sqlalchemy import Engine, text
 
-from outbox.errors import StoreError
+from outbox.errors import ConfigurationError, StoreError
 from outbox.redaction import describe_url, redact, redact_error
+from outbox.relay.nodes import node_tls, split_broker_urls
 from outbox.relay.publisher import BrokerSettings
 from outbox.store import migrate
 from outbox.store.engine import create_outbox_engine
@@ -171,11 +172,42 @@ def _permissions(engine: Engine) -> CheckResult:
 def _broker_checks(
     broker: BrokerSettings, url: str, connect_timeout: float
 ) -> Iterator[CheckResult]:
+    """The broker and exchange checks on the first node of the URL list that answers.
+
+    The relay goes round the same list in the same order (outbox.relay.nodes);
+    the nodes that did not answer are named in the broker check's detail.
+    """
+    try:
+        nodes = split_broker_urls(url)
+    except ConfigurationError:
+        nodes = [url]  # the single-URL checks below report what is wrong with it
+    unreachable: list[str] = []
+    for node in nodes[:-1]:
+        try:
+            with kombu.Connection(
+                node, connect_timeout=connect_timeout, ssl=node_tls(broker.tls(), node)
+            ) as probe:
+                probe.ensure_connection(max_retries=0)
+        except Exception as exc:
+            unreachable.append(f"{redact(node)} ({_first_line(exc)})")
+            continue
+        nodes = [node]
+        break
+    for result in _node_checks(broker, nodes[-1], connect_timeout):
+        if result.name == "broker" and result.passed and unreachable:
+            detail = f"{result.detail}; unreachable: {', '.join(unreachable)}"
+            result = CheckResult(name="broker", status=PASS, detail=detail)
+        yield result
+
+
+def _node_checks(broker: BrokerSettings, url: str, connect_timeout: float) -> Iterator[CheckResult]:
     shown = redact(url)
     exchange = broker.exchange or "outbox"
     try:
         # The relay's own TLS options (BrokerSettings.tls), so that both agree.
-        connection = kombu.Connection(url, connect_timeout=connect_timeout, ssl=broker.tls())
+        connection = kombu.Connection(
+            url, connect_timeout=connect_timeout, ssl=node_tls(broker.tls(), url)
+        )
     except ValueError as exc:  # a URL that does not parse: a port that is not a number
         yield CheckResult(
             name="broker",

@@ -49,6 +49,7 @@ from prometheus_client.metrics_core import Metric
 
 from outbox.errors import OutboxError
 from outbox.logs import emit
+from outbox.relay.nodes import BrokerNodes
 from outbox.relay.observer import RelayObserver
 from outbox.relay.publisher import (
     CONNECTION,
@@ -162,6 +163,19 @@ class PrometheusObserver(RelayObserver):
             "Times the broker connection failed or could not be opened.",
             registry=r,
         )
+        self.broker_node = Gauge(
+            f"{PREFIX}_broker_node_connected",
+            "1 for the broker node (host:port of the broker URL list) the relay is "
+            "connected to, 0 for the others.",
+            ["node"],
+            registry=r,
+        )
+        self.broker_failovers = Counter(
+            f"{PREFIX}_broker_failovers",
+            "Connections opened on another broker node than the previous connection's.",
+            registry=r,
+        )
+        self._broker_nodes: tuple[str, ...] = ()
         self.store_up = Gauge(
             f"{PREFIX}_database_available",
             "1 when the last database call succeeded, 0 when it failed for lack of a connection.",
@@ -244,6 +258,19 @@ class PrometheusObserver(RelayObserver):
         self.broker_up.set(1 if connected else 0)
         if not connected:
             self.broker_failures.inc()
+
+    def watch_broker_nodes(self, nodes: BrokerNodes) -> None:
+        """Follow the publisher's broker nodes: which one is connected, and failovers."""
+        self._broker_nodes = tuple(nodes.labels)
+        for label in self._broker_nodes:
+            self.broker_node.labels(node=label).set(0)
+        nodes.watch(self._broker_node_changed)
+
+    def _broker_node_changed(self, node: str | None, failover: bool) -> None:
+        for label in self._broker_nodes:
+            self.broker_node.labels(node=label).set(1 if label == node else 0)
+        if failover:
+            self.broker_failovers.inc()
 
     def store_available(self, available: bool) -> None:
         self._alive()

@@ -26,6 +26,7 @@ from outbox.ops.metrics import (
     table_gauges_unknown,
 )
 from outbox.relay.loop import Relay
+from outbox.relay.nodes import BrokerNodes
 from outbox.store.rows import Backlog
 from outbox.store.sqlstore import SqlStore
 
@@ -140,6 +141,11 @@ def start_operations(
 ) -> Operations:
     observer = PrometheusObserver()
     relay.add_observer(observer)
+    # The broker node metrics come from the publisher, which alone knows the
+    # nodes; the relay loop only sees a connection come and go.
+    nodes = getattr(relay.publisher, "nodes", None)
+    if isinstance(nodes, BrokerNodes):
+        observer.watch_broker_nodes(nodes)
     store = sql_store(relay)
     refresh_table_gauges(observer, store)
     # Connect now rather than at the first batch, so that an idle relay reports

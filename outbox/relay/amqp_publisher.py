@@ -22,10 +22,11 @@ import kombu
 import kombu.exceptions
 
 from outbox.errors import BrokerUnavailable, UnsendableEventError
-from outbox.redaction import redact
+from outbox.logs import emit
 from outbox.relay.frames import PublishEncoder, write_batch
 from outbox.relay.kombu_publisher import close_quietly
 from outbox.relay.message import OutgoingMessage
+from outbox.relay.nodes import BrokerNodes, node_tls
 from outbox.relay.outcome import (
     CONNECTION,
     NACKED,
@@ -83,6 +84,8 @@ class AmqpPublisher:
         ssl: dict[str, Any] | bool | None = None,
     ) -> None:
         self.url = url
+        # The nodes of a ``;`` list, tried in turn (a single URL: a list of one).
+        self.nodes = BrokerNodes(url)
         self.exchange = exchange
         self.declare_exchange = declare_exchange
         self.ssl = ssl
@@ -123,26 +126,10 @@ class AmqpPublisher:
         return sock.fileno() if sock is not None else None
 
     def connect(self) -> None:
+        """Connect to the first broker node that answers (see :mod:`outbox.relay.nodes`)."""
         if self._channel is not None:
             return
-        connection = kombu.Connection(
-            self.url,
-            connect_timeout=self.connect_timeout,
-            heartbeat=self.heartbeat,
-            ssl=self.ssl,
-            transport_options={"socket_settings": _SOCKET_SETTINGS},
-        )
-        try:
-            # One attempt: kombu's connect() retries once after 2 s, a hidden
-            # delay the relay's own backoff already provides.
-            connection.ensure_connection(max_retries=0)
-            channel = connection.channel()
-            if self.declare_exchange:
-                channel.exchange_declare(self.exchange, "topic", durable=True, auto_delete=False)
-            channel.confirm_select()
-        except CONNECTION_ERRORS as exc:
-            close_quietly(connection)
-            raise BrokerUnavailable(f"cannot reach broker {redact(self.url)}: {exc}") from None
+        connection, channel = self.nodes.connect_round(self._open, CONNECTION_ERRORS)
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
         channel.events["basic_return"].add(self._on_return)
@@ -157,9 +144,31 @@ class AmqpPublisher:
             frame_max=connection.connection.frame_max,
         )
 
+    def _open(self, url: str) -> tuple[kombu.Connection, Any]:
+        """A confirm-mode channel on the node at ``url``; nothing left open when it fails."""
+        connection = kombu.Connection(
+            url,
+            connect_timeout=self.connect_timeout,
+            heartbeat=self.heartbeat,
+            ssl=node_tls(self.ssl, url),
+            transport_options={"socket_settings": _SOCKET_SETTINGS},
+        )
+        try:
+            # One attempt: kombu's connect() retries once after 2 s, a hidden
+            # delay the relay's own backoff already provides.
+            connection.ensure_connection(max_retries=0)
+            channel = connection.channel()
+            if self.declare_exchange:
+                channel.exchange_declare(self.exchange, "topic", durable=True, auto_delete=False)
+            channel.confirm_select()
+        except CONNECTION_ERRORS:
+            close_quietly(connection)
+            raise
+        return connection, channel
+
     def close(self) -> None:
         """Close the connection; what was still in flight fails as ``connection``."""
-        self._drop(CONNECTION, "the connection was closed with messages in flight")
+        self._drop(CONNECTION, "the connection was closed with messages in flight", lost=False)
 
     def abort(self, kind: str, detail: str) -> None:
         """Give up on everything in flight (each fails with ``kind``) and reconnect later.
@@ -169,7 +178,9 @@ class AmqpPublisher:
         """
         self._drop(kind, detail)
 
-    def _drop(self, kind: str, detail: str, *, own_if_alone: bool = False) -> None:
+    def _drop(
+        self, kind: str, detail: str, *, own_if_alone: bool = False, lost: bool = True
+    ) -> None:
         window, self._window = self._window, OrderedDict()
         own = own_if_alone and len(window) == 1
         self._settled.failed.extend(Failure(m, kind, detail, own) for m in window.values())
@@ -177,6 +188,9 @@ class AmqpPublisher:
         self._unread = False
         if connection is not None:
             close_quietly(connection)
+            # Anything but close() (an error, a confirm timeout, a refusal that
+            # closed the channel) makes the next connect start at the next node.
+            self.nodes.disconnected(lost=lost, reason=detail)
 
     # Confirm callbacks run inside drain_events. The broker may confirm
     # several tags at once (multiple) and need not confirm in order.
@@ -233,7 +247,13 @@ class AmqpPublisher:
             if self._connection is not None:
                 connection.heartbeat_check()
         except Exception as exc:  # a dead connection raises anything; reconnect on next send
-            log.debug("broker connection lost: %s", exc)
+            emit(
+                log,
+                "broker_connection_lost",
+                "broker connection lost: %s",
+                exc,
+                level=logging.DEBUG,
+            )
             self._drop(CONNECTION, f"connection lost: {exc}")
 
     def prepare(self, messages: Sequence[OutgoingMessage]) -> dict[int, str]:
@@ -283,7 +303,9 @@ class AmqpPublisher:
                 channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
             except amqp.exceptions.ChannelError as exc:
                 refused[name] = f"the broker refused to declare exchange {name!r}: {exc}"
-                self._drop(CONNECTION, f"channel closed declaring exchange {name!r}: {exc}")
+                # The node is fine (it answered): reconnect to it, no failover.
+                detail = f"channel closed declaring exchange {name!r}: {exc}"
+                self._drop(CONNECTION, detail, lost=False)
                 self.connect()  # BrokerUnavailable if it cannot: the caller handles that
                 self._declared.update(declared)  # they exist: declared on the old connection
                 continue
@@ -377,7 +399,8 @@ class AmqpPublisher:
                 wait = 0.0
             self._unread = True
         except _REFUSALS as exc:
-            self._drop(REFUSED, f"the broker refused a message: {exc}", own_if_alone=True)
+            detail = f"the broker refused a message: {exc}"
+            self._drop(REFUSED, detail, own_if_alone=True, lost=False)
         except CONNECTION_ERRORS as exc:
             self._drop(CONNECTION, f"connection lost while waiting for confirms: {exc}")
 

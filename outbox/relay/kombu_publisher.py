@@ -16,8 +16,10 @@ import kombu
 from kombu import Exchange
 
 from outbox.errors import BrokerUnavailable
+from outbox.logs import emit
 from outbox.redaction import redact
 from outbox.relay.message import OutgoingMessage
+from outbox.relay.nodes import BrokerNodes
 from outbox.relay.outcome import CONNECTION, Failure, Settled
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class KombuPublisher:
     ) -> None:
         self.transport_options = transport_options or {}
         self.url = url
+        self.nodes = BrokerNodes(url)
         self.exchange = Exchange(exchange, type="topic", durable=True)
         self.declare_exchange = declare_exchange
         # Row exchanges by name (kombu declares each once per connection).
@@ -62,26 +65,37 @@ class KombuPublisher:
         return bool(self._settled)
 
     def connect(self) -> None:
+        """Connect to the first broker node that answers (see :mod:`outbox.relay.nodes`)."""
         if self._producer is not None:
             return
-        try:
-            connection = kombu.Connection(self.url, transport_options=self.transport_options)
-            connection.ensure_connection(max_retries=0)
-            channel = connection.channel()
-            if self.declare_exchange:
-                self.exchange(channel).declare()
-        except Exception as exc:
-            raise BrokerUnavailable(f"cannot reach broker {redact(self.url)}: {exc}") from None
+        # Transports raise anything for a node they cannot reach.
+        connection, channel = self.nodes.connect_round(self._open, (Exception,))
         self._connection = connection
         self._producer = kombu.Producer(channel, exchange=self.exchange)
         # kombu's filesystem transport orders messages by a millisecond stamp in
         # their file name: two messages in one millisecond could swap places.
         self._one_per_millisecond = connection.transport_cls == "filesystem"
 
+    def _open(self, url: str) -> tuple[kombu.Connection, Any]:
+        connection = kombu.Connection(url, transport_options=self.transport_options)
+        try:
+            connection.ensure_connection(max_retries=0)
+            channel = connection.channel()
+            if self.declare_exchange:
+                self.exchange(channel).declare()
+        except Exception:
+            close_quietly(connection)
+            raise
+        return connection, channel
+
     def close(self) -> None:
+        self._drop(lost=False)
+
+    def _drop(self, *, lost: bool, reason: str = "") -> None:
         connection, self._connection, self._producer = self._connection, None, None
         if connection is not None:
             close_quietly(connection)
+            self.nodes.disconnected(lost=lost, reason=reason)
 
     def abort(self, kind: str, detail: str) -> None:
         """Nothing is ever in flight: only the connection is dropped."""
@@ -127,8 +141,8 @@ class KombuPublisher:
                     retry=False,
                 )
             except Exception as exc:
-                self.close()
                 detail = redact(str(exc))
+                self._drop(lost=True, reason=detail)
                 self._settled.failed.extend(
                     Failure(m, CONNECTION, detail) for m in messages[index:]
                 )
@@ -151,4 +165,10 @@ def close_quietly(connection: kombu.Connection) -> None:
     try:
         connection.close()
     except Exception as exc:  # closing a broken connection may raise anything
-        log.debug("ignored error while closing broker connection: %s", exc)
+        emit(
+            log,
+            "broker_close_failed",
+            "ignored error while closing broker connection: %s",
+            exc,
+            level=logging.DEBUG,
+        )

@@ -27,6 +27,7 @@ from outbox.redaction import SecretUrl, describe_url, redact, redact_error, regi
 from outbox.relay.amqp_publisher import AmqpPublisher
 from outbox.relay.kombu_publisher import KombuPublisher
 from outbox.relay.message import OutgoingMessage
+from outbox.relay.nodes import check_broker_urls, split_broker_urls
 from outbox.relay.outcome import (
     CONNECTION,
     EXHAUSTED,
@@ -96,10 +97,14 @@ def open_publisher(
 ) -> Publisher:
     """A publisher for ``url``: pipelined confirms for AMQP, plain kombu otherwise.
 
+    ``url`` may list several nodes, ``url1;url2;url3`` (one transport; all
+    TLS or none): see :mod:`outbox.relay.nodes` for the order they are tried in.
+
     A transport that cannot deliver outside this process (``memory://``) is
     refused unless ``allow_in_process`` (tests of code that only needs a sink).
     """
     register_secrets_in(url)  # hidden in every error, also for callers that did not resolve
+    check_broker_urls(split_broker_urls(url))
     try:
         transport = kombu.Connection(url).transport_cls
     except Exception as exc:  # kombu raises KeyError/ImportError/ValueError for bad URLs
@@ -124,14 +129,16 @@ def tls_options(
     present ``cert``/``key`` when the broker wants mutual TLS.
 
     None when nothing is configured: an ``amqps://`` URL alone then verifies the
-    broker against the system's trusted CAs.
+    broker against the system's trusted CAs. With a list of nodes the files
+    serve every node, and each connection checks its own node's host name
+    (:func:`outbox.relay.nodes.node_tls`); the name set here is the first node's.
     """
     if not (ca or cert or key):
         return None
     if bool(cert) != bool(key):
         raise ConfigurationError("a broker client certificate needs both a cert and a key file")
     options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED}
-    hostname = kombu.Connection(url).hostname
+    hostname = kombu.Connection(split_broker_urls(url)[0]).hostname
     if hostname:
         options["server_hostname"] = hostname  # py-amqp checks the host name only when set
     if ca:
