@@ -234,7 +234,7 @@ class AdminStore(SqlStore):
                 E.c.position > after_position, *self._replay_filter(since, keys, event_ids)
             )
             query = query.order_by(E.c.position).limit(limit)
-            return [EventRow(**r._mapping) for r in connection.execute(query)]
+            return [EventRow.from_mapping(r._mapping) for r in connection.execute(query)]
 
         return self._run(work)
 

@@ -34,8 +34,9 @@ from psycopg.rows import args_row
 
 from outbox.store import fence
 
+# event_id as text: see EventRow.
 _COLUMNS = (
-    "position, event_id, ordering_key, partition, routing_key, resource_type, "
+    "position, event_id::text, ordering_key, partition, routing_key, resource_type, "
     "payload, headers::text, schema_version, created_at, attempts, exchange"
 )
 # A schema before revision outbox_0003 (no exchange column): the relay's exchange for all.
@@ -63,6 +64,18 @@ MARK = (
 MARK_DELETE = (
     "DELETE FROM outbox_event WHERE position = ANY(%(positions)s::bigint[]) AND state = 'pending'"
 )
+# By position and event id, pairwise (see Store.mark_delivered): a join, one
+# index lookup per pair, where "AND event_id = ANY(...)" would compare each row
+# with every id of the batch.
+_EXACT = (
+    " unnest(%(positions)s::bigint[], %(ids)s::uuid[]) AS m(position, event_id)"
+    " WHERE e.position = m.position AND e.event_id = m.event_id AND e.state = 'pending'"
+)
+MARK_EXACT = (
+    "UPDATE outbox_event AS e SET state = 'delivered', delivered_at = now(),"
+    " attempts = e.attempts + 1, last_error = NULL FROM" + _EXACT
+)
+MARK_DELETE_EXACT = "DELETE FROM outbox_event AS e USING" + _EXACT
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
 
 
@@ -79,6 +92,7 @@ def mark_and_fetch(
     prepare: bool = True,
     skip_keys: Sequence[str] = (),
     row_exchanges: bool = True,
+    mark_ids: Sequence[str] | None = None,
 ) -> tuple[int, list[Any]]:
     """Mark ``mark`` delivered, then fetch; returns (rows marked, rows fetched).
 
@@ -91,9 +105,12 @@ def mark_and_fetch(
         mark_cursor = connection.cursor()
         if mark:
             connection.cursor().execute(ASYNC_COMMIT)
-            mark_cursor.execute(
-                MARK_DELETE if delete_rows else MARK, {"positions": list(mark)}, prepare=prepare
-            )
+            query = MARK_DELETE if delete_rows else MARK
+            args: dict[str, list[Any]] = {"positions": list(mark)}
+            if mark_ids is not None:
+                query = MARK_DELETE_EXACT if delete_rows else MARK_EXACT
+                args["ids"] = list(mark_ids)
+            mark_cursor.execute(query, args, prepare=prepare)
         # The columns in the order of the row class's fields: built positionally.
         fetch_cursor = connection.cursor(row_factory=args_row(row_class))
         held_cursor = None

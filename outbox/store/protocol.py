@@ -28,8 +28,13 @@ class Store(Protocol):
         owner: str | None = None,
         delete_rows: bool = False,
         skip_keys: Collection[str] = (),
+        mark_ids: Sequence[str] | None = None,
     ) -> list[EventRow]:
         """Mark ``mark`` delivered, then return up to ``limit`` pending rows of ``partitions``.
+
+        ``mark_ids``, the event ids of ``mark`` in the same order, make the
+        mark exact: a row is marked only at its position *and* with its id
+        (see :meth:`mark_delivered`).
 
         Rows come in position order, never one at a position in ``exclude``,
         of a key in ``skip_keys`` or of a key held behind a dead row. With
@@ -39,8 +44,21 @@ class Store(Protocol):
         """
         ...
 
-    def mark_delivered(self, positions: Sequence[int], *, delete_rows: bool = False) -> int:
-        """Record that the broker confirmed these pending rows; returns how many changed."""
+    def mark_delivered(
+        self,
+        positions: Sequence[int],
+        *,
+        delete_rows: bool = False,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        """Record that the broker confirmed these pending rows; returns how many changed.
+
+        With ``event_ids`` (the ids of ``positions``, in the same order) only a
+        row with both its position and its id changes. The relay always gives
+        them: after a failover to a standby that had not received every
+        transaction, the new primary hands out positions again, and a
+        position alone could name a new event the broker never saw.
+        """
         ...
 
     def mark_dead(self, position: int, reason: str) -> None:

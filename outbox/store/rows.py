@@ -8,9 +8,9 @@ module.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class EventRow(NamedTuple):
@@ -21,8 +21,15 @@ class EventRow(NamedTuple):
     Field order is the column order of :data:`outbox.store.pgfast.FETCH`.
     """
 
+    @classmethod
+    def from_mapping(cls, row: Mapping[Any, Any]) -> EventRow:
+        """From a SQLAlchemy row's mapping, whose event_id is a UUID."""
+        return cls(**{**row, "event_id": str(row["event_id"])})
+
     position: int
-    event_id: uuid.UUID
+    # The event's UUID as text, as it is sent (a UUID object per row costs more
+    # than the rest of the row's decoding: the stores read it as text).
+    event_id: str
     ordering_key: str
     partition: int
     routing_key: str

@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import os
 import socket
+import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     type_coerce,
     update,
 )
@@ -167,15 +169,32 @@ class SqlStore:
         def work(connection: Connection) -> list[EventRow]:
             columns = self.event_columns(connection)
             statement = query if columns is _EVENT_COLUMNS else query.with_only_columns(*columns)
-            return [EventRow(**row._mapping) for row in connection.execute(statement, params)]
+            return [
+                EventRow.from_mapping(row._mapping) for row in connection.execute(statement, params)
+            ]
 
         return self._run(work)
 
-    def mark_delivered(self, positions: Sequence[int], *, delete_rows: bool = False) -> int:
-        """Record that the broker confirmed these rows. Returns how many changed."""
+    def mark_delivered(
+        self,
+        positions: Sequence[int],
+        *,
+        delete_rows: bool = False,
+        event_ids: Sequence[str] | None = None,
+    ) -> int:
+        """Record that the broker confirmed these rows. Returns how many changed.
+
+        With ``event_ids``, a row changes only with both its position and its
+        id (:meth:`outbox.store.protocol.Store.mark_delivered`).
+        """
         if not positions:
             return 0
         where = and_(E.c.position.in_(list(positions)), E.c.state == table.PENDING)
+        if event_ids is not None:
+            # Pairwise, as tuples: (position, id) of one row, never one row's position
+            # with another's id.
+            pairs = [(p, uuid.UUID(i)) for p, i in zip(positions, event_ids, strict=True)]
+            where = and_(tuple_(E.c.position, E.c.event_id).in_(pairs), E.c.state == table.PENDING)
         statement: Any
         if delete_rows:
             statement = delete(E).where(where)
@@ -202,6 +221,7 @@ class SqlStore:
         owner: str | None = None,
         delete_rows: bool = False,
         skip_keys: Collection[str] = (),
+        mark_ids: Sequence[str] | None = None,
     ) -> list[EventRow]:
         """Mark ``mark`` delivered, then fetch like :meth:`fetch_pending`, in one transaction.
 
@@ -211,7 +231,7 @@ class SqlStore:
         lost one. PostgreSQL does it all in one round trip (:mod:`outbox.store.pgfast`).
         """
         if not self.is_postgresql:
-            self.mark_delivered(mark, delete_rows=delete_rows)
+            self.mark_delivered(mark, delete_rows=delete_rows, event_ids=mark_ids)
             if owner is not None and partitions and limit > 0:
                 partitions = fence.fetchable(partitions, self._held(owner))
             return self.fetch_pending(partitions, limit, exclude, skip_keys)
@@ -233,6 +253,7 @@ class SqlStore:
                     prepare=self.prepared_statements,
                     skip_keys=list(skip_keys),
                     row_exchanges=row_exchanges,
+                    mark_ids=mark_ids,
                 )
             except psycopg.Error as exc:
                 # Into SQLAlchemy's hierarchy, which outbox.store.driver_errors maps to ours.

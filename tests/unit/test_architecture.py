@@ -15,7 +15,9 @@ from tests.unit.import_graph import cycles, file_graph, longest_chain, part_grap
 ROOT = Path(__file__).resolve().parents[2]
 
 # Where a test lives says what it needs (docs/architecture.md, "Tests").
-TEST_KINDS = frozenset({"unit", "integration", "acceptance", "faults", "migrations"})
+TEST_KINDS = frozenset(
+    {"unit", "integration", "acceptance", "faults", "migrations", "cluster", "hosts", "failover"}
+)
 # The fixtures and constants of tests/conftest.py that reach a running server.
 SERVICE_NAMES = frozenset(
     {

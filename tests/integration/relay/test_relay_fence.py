@@ -125,7 +125,7 @@ def test_relay_that_lost_its_partitions_publishes_nothing(
 def _row() -> EventRow:
     return EventRow(
         position=1,
-        event_id=uuid.uuid4(),
+        event_id=str(uuid.uuid4()),
         ordering_key="case:1:1",
         partition=0,
         routing_key="case.update",

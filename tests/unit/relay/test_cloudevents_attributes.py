@@ -48,7 +48,7 @@ def test_the_envelope_schema_uri_is_the_shipped_schemas_id() -> None:
 def row(resource_type: str = "case") -> EventRow:
     return EventRow(
         position=1,
-        event_id=uuid.uuid4(),
+        event_id=str(uuid.uuid4()),
         ordering_key="case:1:1",
         partition=0,
         routing_key="case.update",
