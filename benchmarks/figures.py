@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import outbox
+from benchmarks import attribution
 from benchmarks.cpu import GROUPS, CpuUse, measure_cpu, process_cpu
 from outbox.envelope import ordering
 from outbox.producer.publish import ProducerOptions, prepare_row
@@ -109,20 +111,20 @@ def fresh_database(admin_url: str) -> Iterator[str]:
 def fresh_queue(amqp_url: str) -> Iterator[tuple[str, str]]:
     suffix = uuid.uuid4().hex[:10]
     exchange, queue = f"outbox-bench-{suffix}", f"outbox-bench-{suffix}"
-    with _amqp(amqp_url) as channel:
+    with amqp_channel(amqp_url) as channel:
         channel.exchange_declare(exchange, "topic", durable=True, auto_delete=False)
         channel.queue_declare(queue, durable=True, auto_delete=False)
         channel.queue_bind(queue, exchange, "#")
     try:
         yield exchange, queue
     finally:
-        with _amqp(amqp_url) as channel:
+        with amqp_channel(amqp_url) as channel:
             channel.queue_delete(queue)
             channel.exchange_delete(exchange)
 
 
 @contextmanager
-def _amqp(amqp_url: str) -> Iterator[Any]:
+def amqp_channel(amqp_url: str) -> Iterator[Any]:
     import kombu
 
     with kombu.Connection(amqp_url) as connection:
@@ -144,7 +146,7 @@ def _plain_connection(amqp_url: str) -> amqp.Connection:
 
 
 def purge(ctx: Context) -> None:
-    with _amqp(ctx.amqp_url) as channel:
+    with amqp_channel(ctx.amqp_url) as channel:
         channel.queue_purge(ctx.queue)
 
 
@@ -366,7 +368,7 @@ def relay_process_drain_rate(ctx: Context, events: int | None = None) -> tuple[f
 
 
 def _queue_depth(ctx: Context) -> int:
-    with _amqp(ctx.amqp_url) as channel:
+    with amqp_channel(ctx.amqp_url) as channel:
         return int(channel.queue_declare(ctx.queue, passive=True).message_count)
 
 
@@ -669,7 +671,8 @@ def _consumer(amqp_url: str, queue: str, expected: int, ready: Any, out: Any) ->
     out.put(received)
 
 
-def _relay_process(ctx: Context) -> subprocess.Popen[bytes]:
+def _relay_process(ctx: Context, trace_file: str | None = None) -> subprocess.Popen[bytes]:
+    """``outbox relay`` with default settings; with ``trace_file``, its traced twin."""
     env = {
         **os.environ,
         "OUTBOX_DATABASE_URL": ctx.database_url,
@@ -678,8 +681,12 @@ def _relay_process(ctx: Context) -> subprocess.Popen[bytes]:
         "OUTBOX_LOG_LEVEL": "WARNING",
         "OUTBOX_LOG_FORMAT": "json",
     }
+    command = [sys.executable, "-m", "outbox.cli", "relay"]
+    if trace_file is not None:
+        env["BENCH_TRACE_FILE"] = trace_file
+        command = [sys.executable, "-m", "benchmarks.traced_relay"]
     return subprocess.Popen(
-        [sys.executable, "-m", "outbox.cli", "relay"],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -737,9 +744,15 @@ def _steady_producer(
     engine.dispose()
 
 
-def figure_latency(ctx: Context, rate: float = 500.0, seconds: float = 10.0) -> list[Figure]:
+def figure_latency(
+    ctx: Context, rate: float = 500.0, seconds: float = 10.0, *, trace: bool = False
+) -> list[Figure]:
     """Producer processes at a steady ``rate`` in all (one per 500/s), a consumer process,
-    and a real ``outbox relay`` process between them."""
+    and a real ``outbox relay`` process between them.
+
+    With ``trace``, the relay runs traced (benchmarks.traced_relay) and the
+    attribution of the slowest events is printed (benchmarks.attribution).
+    """
     producers = max(1, round(rate / 500))
     per_producer = int(rate * seconds) // producers
     total = per_producer * producers
@@ -748,7 +761,10 @@ def figure_latency(ctx: Context, rate: float = 500.0, seconds: float = 10.0) -> 
     expected = total + producers  # and the warm-up events
     consumer = mp.Process(target=_consumer, args=(ctx.amqp_url, ctx.queue, expected, ready, out))
     consumer.start()
-    relay = _relay_process(ctx)
+    trace_file = None
+    if trace:
+        trace_file = os.path.join(tempfile.mkdtemp(prefix="outbox-trace-"), "trace.json")
+    relay = _relay_process(ctx, trace_file)
     committed: dict[str, float] = {}
     workers: list[Any] = []
     try:
@@ -792,6 +808,9 @@ def figure_latency(ctx: Context, rate: float = 500.0, seconds: float = 10.0) -> 
         file=sys.stderr,
         flush=True,
     )
+    if trace_file is not None:
+        with open(trace_file) as timeline:
+            print(attribution.report(json.load(timeline), committed, received), file=sys.stderr)
     marks = {
         "p50": (0.50, 2.0),
         "p99": (0.99, 5.0),
@@ -906,6 +925,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG)
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="latency: run the relay traced and print where the slowest events waited",
+    )
+    parser.add_argument(
+        "--latency-rates", default="500,2000", help="comma-separated event rates for latency"
+    )
+    parser.add_argument(
         "--only",
         default="drain,hotkey,producer,notify,latency,history,validation",
         help="comma-separated figures to run "
@@ -929,9 +956,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and the other figures leave PostgreSQL and RabbitMQ writing out and
         # compacting for a while after they finish.
         if "latency" in only:
-            for rate in (500.0, 2000.0):
+            for rate in (float(r) for r in args.latency_rates.split(",")):
                 purge(ctx)
-                figures += figure_latency(ctx, rate)
+                figures += figure_latency(ctx, rate, trace=args.trace)
                 _progress(figures)
         if "drain" in only:
             figures += figure_drain(ctx, args.rounds)

@@ -33,7 +33,11 @@ def build_relay(settings: Settings, wakeup: Wakeup | None = None) -> Relay:
         # psycopg also prepares any query it sees 5 times; off means never.
         connect_args["prepare_threshold"] = None
     extra: dict[str, Any] = {"connect_args": connect_args} if connect_args else {}
-    engine = create_outbox_engine(url, pool_size=2, max_overflow=2, **extra)
+    # No ping before each checkout: it is a round trip on every fetch and mark
+    # (an event's latency, at a low rate). A connection that died meanwhile
+    # fails its first statement instead; the relay backs off once (backoff_initial)
+    # and SQLAlchemy replaces every pooled connection of the dead server.
+    engine = create_outbox_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=False, **extra)
     try:
         store = SqlStore(engine)
         store.prepared_statements = prepared

@@ -15,15 +15,16 @@ to py-amqp's own table encoder.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from io import BytesIO
+from itertools import islice
 from struct import Struct
 from typing import Any
 
 from amqp.serialization import _write_item  # the reference encoder for exotic values
 
 from outbox.errors import UnsendableEventError
-from outbox.relay.message import REPEATING_HEADERS, OutgoingMessage
+from outbox.relay.message import LEADING_HEADERS, OutgoingMessage
 
 FRAME_METHOD = 1
 FRAME_HEADER = 2
@@ -57,31 +58,21 @@ def _shortstr(text: str, what: str = "an AMQP short string") -> bytes:
     return _U8.pack(len(raw)) + raw
 
 
-def encode_table(
-    table: Mapping[str, Any],
-    memo: dict[tuple[str, str], bytes] | None = None,
-    repeating: frozenset[str] = frozenset(),
-) -> bytes:
-    """A field table, byte for byte as py-amqp's ``_write_table`` writes it.
+def _items(items: Iterable[tuple[str, Any]], names: dict[str, bytes]) -> list[bytes]:
+    """Field-table items, byte for byte as py-amqp's ``_write_table`` writes them.
 
-    With ``memo``, the encoded item of a string header named in ``repeating``
-    (the action, schema URI, CloudEvents type: a handful of distinct values
-    across millions of messages) is kept and reused.
+    ``names`` keeps encoded header names: a few dozen distinct names cover
+    millions of messages.
     """
     parts: list[bytes] = []
     append = parts.append
-    for key, value in table.items():
-        if memo is not None and key in repeating and isinstance(value, str):
-            item = memo.get((key, value))
-            if item is None:
-                raw = value.encode("utf-8", "surrogatepass")
-                item = _shortstr(key, "a header name") + _STR_ITEM.pack(b"S", len(raw)) + raw
-                if len(memo) >= _MEMO_LIMIT:
-                    memo.clear()
-                memo[(key, value)] = item
-            append(item)
-            continue
-        append(_shortstr(key, "a header name"))
+    for key, value in items:
+        name = names.get(key)
+        if name is None:
+            name = _shortstr(key, "a header name")
+            if len(names) < _MEMO_LIMIT:
+                names[key] = name
+        append(name)
         # bool before int: bool is an int subclass. Same order as py-amqp.
         if isinstance(value, str):
             raw = value.encode("utf-8", "surrogatepass")
@@ -105,8 +96,55 @@ def encode_table(
             out = BytesIO()
             _write_item(value, out.write, [])
             append(out.getvalue())
-    data = b"".join(parts)
+    return parts
+
+
+def encode_table(table: Mapping[str, Any]) -> bytes:
+    """A field table, byte for byte as py-amqp's ``_write_table`` writes it."""
+    data = b"".join(_items(table.items(), {}))
     return _U32.pack(len(data)) + data
+
+
+class _TableEncoder:
+    """Field tables of the relay's headers, the repeating part encoded once.
+
+    :func:`outbox.relay.message.build_message` puts the headers whose values
+    repeat across messages (action, schema, CloudEvents type...) first, in
+    the order of ``LEADING_HEADERS``; their encoded bytes are kept by value
+    and reused, so a message costs only its own few headers (id, key, time).
+    A table that does not start that way is encoded item by item: same bytes.
+    """
+
+    def __init__(self) -> None:
+        self._leads: dict[tuple[tuple[str, Any], ...], bytes] = {}
+        self._names: dict[str, bytes] = {}
+
+    def encode(self, table: Mapping[str, Any]) -> bytes:
+        items = iter(table.items())
+        lead = tuple(islice(items, _LEADING))
+        try:
+            encoded = self._leads.get(lead)
+        except TypeError:  # an unhashable value (a list, a table): not the relay's shape
+            encoded = None
+        if encoded is None:
+            if not _is_leading(lead):
+                data = b"".join(_items(table.items(), self._names))
+                return _U32.pack(len(data)) + data
+            encoded = b"".join(_items(lead, self._names))
+            if len(self._leads) >= _MEMO_LIMIT:
+                self._leads.clear()
+            self._leads[lead] = encoded
+        data = encoded + b"".join(_items(items, self._names))
+        return _U32.pack(len(data)) + data
+
+
+_LEADING = len(LEADING_HEADERS)
+
+
+def _is_leading(lead: tuple[tuple[str, Any], ...]) -> bool:
+    return tuple(key for key, _ in lead) == LEADING_HEADERS and all(
+        type(value) is str for _, value in lead
+    )
 
 
 class PublishEncoder:
@@ -119,7 +157,7 @@ class PublishEncoder:
         # (exchange, routing key) -> method frame arguments; None: this encoder's exchange.
         self._routing: dict[tuple[str | None, str], bytes] = {}
         self._content_types: dict[str, bytes] = {}
-        self._items: dict[tuple[str, str], bytes] = {}
+        self._tables = _TableEncoder()
 
     def _method_frame(self, exchange: str | None, routing_key: str, mandatory: bool) -> bytes:
         route = (exchange, routing_key)
@@ -159,7 +197,7 @@ class PublishEncoder:
         body = message.body
         properties = (
             content_type
-            + encode_table(message.headers, self._items, REPEATING_HEADERS)
+            + self._tables.encode(message.headers)
             + _PERSISTENT
             + _shortstr(message.message_id)
             + _U64.pack(int(message.timestamp.timestamp()))

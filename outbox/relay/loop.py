@@ -80,6 +80,10 @@ log = logging.getLogger(__name__)
 _KEEPALIVE_EVERY = 1.0
 # Confirmed rows wait at most this long (seconds) for their mark.
 _MARK_AFTER = 0.1
+# The liveness hooks (loop_ticked, store_available) run at most this often while
+# busy: the loop goes round once per few confirms, thousands of times a second,
+# and each call takes the metrics' locks.
+_TICK_EVERY = 0.05
 
 
 @dataclass(eq=False)
@@ -124,9 +128,10 @@ class Relay:
         self._next_rebalance = 0.0
         self._lanes = Lanes()
         self._generation = 0
-        # Confirmed, not marked yet; and those the marking thread is marking now.
-        self._to_mark: list[int] = []
-        self._marking: list[int] = []
+        # Confirmed, not marked yet; and those the marking thread is marking now:
+        # position -> event id (rows are marked by both: Store.mark_delivered).
+        self._to_mark: dict[int, str] = {}
+        self._marking: dict[int, str] = {}
         self._mark_job: Future[None] | None = None
         self._confirmed_at = 0.0  # when the oldest confirm in _to_mark arrived
         self._mark_executor: ThreadPoolExecutor | None = None
@@ -139,6 +144,8 @@ class Relay:
         self._fetched_at = 0.0
         self._send_after = 0.0
         self._next_keepalive = 0.0
+        self._next_tick = 0.0
+        self._store_down = False
         # Keys whose head message no queue is bound for (unroutable=retry): key -> resume time.
         self._paused: dict[str, float] = {}
         self._pause_backoff: dict[str, Backoff] = {}
@@ -154,6 +161,9 @@ class Relay:
         self._broker_log = FailureLog(log, "relay_broker_unavailable", "relay_broker_available")
         self._publish_log = FailureLog(log, "relay_publish_failed", "relay_publish_recovered")
         self._registered = False
+        # The broker was out of reach and the partitions were released: claim
+        # none until a connection opens (_stand_down, _maybe_rebalance).
+        self._stood_down = False
         self._stop = threading.Event()
         self._executor: ThreadPoolExecutor | None = None
         self.published_total = 0
@@ -214,6 +224,7 @@ class Relay:
                 self._connect()
         except StoreUnavailable as exc:
             self._store_log.failed("%s", exc)
+            self._store_down = True
             self._observe("store_available", False)
             self._recover_from_error()
             stop.wait(self._backoff.next_delay())
@@ -222,6 +233,7 @@ class Relay:
             self._broker_log.failed("%s", exc)
             self._observe("broker_connected", False)
             self._recover_from_error()
+            self._stand_down()
             stop.wait(self._backoff.next_delay())
             return False
         except OutboxError as exc:
@@ -231,8 +243,12 @@ class Relay:
             return False
         self._backoff.reset()
         self._store_log.recovered("database reachable again")
-        self._observe("store_available", True)
-        self._observe("loop_ticked")
+        now = time.monotonic()
+        if now >= self._next_tick or self._store_down:
+            self._next_tick = now + _TICK_EVERY
+            self._store_down = False
+            self._observe("store_available", True)
+            self._observe("loop_ticked")
         if idle and wait_when_idle:
             self.publisher.keepalive()  # broker heartbeats: an idle connection stays open
             self.wakeup.wait(self._idle_timeout())
@@ -252,6 +268,10 @@ class Relay:
         self._finish_marking()
         self._finish_job()
         self._maybe_rebalance(now)
+        if not self.partitions:
+            # A NOTIFY is a hint to fetch, and with no partition there is nothing to
+            # fetch: left set, it would keep the loop from waiting (_wait, _idle).
+            self.wakeup.clear()
         self._resume_paused(now)
         self._settle(0.0)
         self._expire(now)
@@ -346,22 +366,22 @@ class Relay:
         Marks run on a thread and a connection of their own, beside the
         fetches: a mark of 500 rows costs PostgreSQL about as much as the
         fetch of 500, and the two no longer wait for each other. They are due
-        once a batch has been confirmed, once nothing is left to send, or
-        _MARK_AFTER seconds after the first unmarked confirm: a hot key,
-        confirmed one message at a time, is marked in groups.
+        once a batch has been confirmed or _MARK_AFTER seconds after the first
+        unmarked confirm: a hot key, confirmed one message at a time, and a
+        trickle of events, each sent alone, are marked in groups (a
+        transaction per event would cost more than publishing it).
         """
         if self._mark_job is not None or not self._to_mark:
             return
         due = (
             len(self._to_mark) >= self.settings.batch_size
-            or not self._lanes
             or now - self._confirmed_at >= _MARK_AFTER
         )
         if not due:
             return
         if self._mark_executor is None:
             self._mark_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-mark")
-        self._marking, self._to_mark = self._to_mark, []
+        self._marking, self._to_mark = self._to_mark, {}
         bell = self._bell()
         self._mark_job = self._mark_executor.submit(self._mark_fast, self._marking)
         self._mark_job.add_done_callback(lambda _: bell.ring())
@@ -371,11 +391,11 @@ class Relay:
         if job is None or not (wait or job.done()):
             return
         self._mark_job = None
-        marking, self._marking = self._marking, []
+        marking, self._marking = self._marking, {}
         try:
             job.result()
         except BaseException:
-            self._to_mark[:0] = marking  # marked later; marking twice is harmless
+            self._to_mark.update(marking)  # marked later; marking twice is harmless
             raise
 
     def _start_database_work(self, now: float) -> bool:
@@ -479,6 +499,49 @@ class Relay:
         self._broker_log.recovered("broker reachable again")
         self._observe("broker_connected", True)
 
+    def _stand_down(self) -> None:
+        """The broker is out of reach: hand this relay's partitions to its peers now.
+
+        Held, they would stall until the leases ran out, and the next
+        rebalance would claim them back while the broker is still out of
+        reach: a relay cut off from the broker alone (its peers reach it)
+        would stall its share of the keys again and again. Released, a peer
+        takes them at its next rebalance. Nothing is out (the caller settled
+        or forgot the window), and what was confirmed is marked first, so the
+        peer resends nothing this relay got confirms for. Until a connection
+        opens again this relay claims nothing (``_maybe_rebalance``).
+        """
+        self._stood_down = True
+        if not self._registered:
+            return
+        released = sorted(self._held)
+        # Nothing of these partitions is sent from here on, whatever the release's fate:
+        # a fetch in flight lands first, then the lanes and the local lease are dropped.
+        with contextlib.suppress(OutboxError):
+            self._finish_job(wait=True)
+        self._registered = False
+        self._lease = Lease(epochs={})
+        self._held = frozenset()
+        self._lease_deadline = 0.0
+        self._clear_lanes()
+        try:
+            self._finish_marking(wait=True)
+            self._mark(self._to_mark)
+            self.store.release(self.relay_id)
+            partition_count = self.store.partition_count()
+        except OutboxError as exc:  # the database is out of reach too: the leases run out
+            emit(log, "relay_error", "%s", exc, level=logging.ERROR)
+            return
+        emit(
+            log,
+            "relay_stood_down",
+            "broker out of reach: relay %s released partitions %s to its peers",
+            self.relay_id,
+            released,
+            partitions=released,
+        )
+        self._observe("partitions_changed", [], partition_count)
+
     def _fill_window(self, now: float) -> None:
         """Send the heads of ready keys into the room the window has."""
         lanes = self._lanes
@@ -547,7 +610,9 @@ class Relay:
                 lanes.done(message)
             if not self._to_mark:
                 self._confirmed_at = time.monotonic()
-            self._to_mark.extend(m.position for m in confirmed)
+            to_mark = self._to_mark
+            for message in confirmed:
+                to_mark[message.position] = message.message_id
             self.published_total += len(confirmed)
             self._observe("batch_published", len(confirmed), time.monotonic() - oldest)
             self._observe("events_confirmed", [m.timestamp for m in confirmed])
@@ -761,6 +826,13 @@ class Relay:
         sent by the new owner after it is confirmed or marked); the new owner
         may send it again, with its id.
         """
+        if self._stood_down:
+            # Claim nothing until the broker takes a connection again; this
+            # raises BrokerUnavailable (and the loop backs off) while it does not.
+            if not self.publisher.connected:
+                self._connect()
+            self._stood_down = False
+            self._next_rebalance = now
         if now < self._next_rebalance or self._job is not None:
             return
         ttl = self.settings.lease_ttl
@@ -846,14 +918,24 @@ class Relay:
                 self._job_bell.close()
                 self._job_bell = None
 
-    def _mark_fast(self, positions: list[int]) -> None:
+    def _mark_fast(self, rows: dict[int, str]) -> None:
         """Mark while relaying: one round trip, an asynchronous commit (docs/performance.md)."""
-        self.store.mark_and_fetch(positions, [], 0, delete_rows=self.settings.delete_on_delivery)
+        self.store.mark_and_fetch(
+            list(rows),
+            [],
+            0,
+            delete_rows=self.settings.delete_on_delivery,
+            mark_ids=list(rows.values()),
+        )
 
-    def _mark(self, positions: list[int]) -> None:
-        if positions:
-            self.store.mark_delivered(positions, delete_rows=self.settings.delete_on_delivery)
-            positions.clear()
+    def _mark(self, rows: dict[int, str]) -> None:
+        if rows:
+            self.store.mark_delivered(
+                list(rows),
+                delete_rows=self.settings.delete_on_delivery,
+                event_ids=list(rows.values()),
+            )
+            rows.clear()
 
     def _idle_timeout(self) -> float:
         now = time.monotonic()

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,18 @@ class RelayProcess:
     """One ``outbox relay`` subprocess; restartable; logs to a file."""
 
     def __init__(
-        self, name: str, *, database_url: str, amqp_url: str, exchange: str, log_dir: Path
+        self,
+        name: str,
+        *,
+        database_url: str,
+        amqp_url: str,
+        exchange: str,
+        log_dir: Path,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
+        # Run the relay through this (e.g. ``ip netns exec HOST``, which execs it: same PID).
+        self.prefix = tuple(prefix)
         self.log_path = log_dir / f"{name}.log"
         separator = "&" if "?" in database_url else "?"
         self.env = {
@@ -71,7 +80,7 @@ class RelayProcess:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "outbox.cli", "relay"],
+            [*self.prefix, sys.executable, "-m", "outbox.cli", "relay"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -167,8 +176,8 @@ def produce_one(
                 _BUMP,
                 {"k": key},
             ).scalar_one()
-            event_id = outbox.publish(session, _envelope(key, version), key=key)
-            events.append((str(event_id), key, version))
+            published = outbox.publish(session, _envelope(key, version), key=key)
+            events.append((str(published), key, version))
         if hold:
             outbox.flush_events(session)  # the rows exist (positions taken) but are invisible
             time.sleep(hold)
