@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -109,6 +110,10 @@ class AmqpPublisher:
         self._ahead: dict[int, tuple[OutgoingMessage, tuple[int, int], bytes]] = {}
         # Row exchanges declared on this connection (declare_exchange).
         self._declared: set[str] = set()
+        # While the broker blocks this connection (connection.blocked: a memory or
+        # disk alarm), why and since when; and when the last block ended.
+        self._blocked: tuple[str, float] | None = None
+        self._unblocked_at = 0.0
 
     @property
     def connected(self) -> bool:
@@ -117,6 +122,39 @@ class AmqpPublisher:
     @property
     def in_flight(self) -> int:
         return len(self._window)
+
+    def confirm_clock(self, sent_at: float) -> float | None:
+        if self._blocked is not None:
+            return None
+        return max(sent_at, self._unblocked_at)
+
+    def _on_blocked(self, reason: str) -> None:
+        if self._blocked is None:
+            self._blocked = (reason, time.monotonic())
+            emit(
+                log,
+                "broker_blocked",
+                "broker %s blocks publishing (%s): waiting, confirm timeout paused",
+                self.nodes.current_label,
+                reason,
+                level=logging.WARNING,
+                node=self.nodes.current_label,
+                reason=reason,
+            )
+
+    def _on_unblocked(self) -> None:
+        blocked, self._blocked = self._blocked, None
+        self._unblocked_at = time.monotonic()
+        if blocked is not None:
+            emit(
+                log,
+                "broker_unblocked",
+                "broker %s takes messages again after %.1f s blocked",
+                self.nodes.current_label,
+                self._unblocked_at - blocked[1],
+                node=self.nodes.current_label,
+                blocked_seconds=round(self._unblocked_at - blocked[1], 3),
+            )
 
     def fileno(self) -> int | None:
         connection = self._connection
@@ -151,7 +189,11 @@ class AmqpPublisher:
             connect_timeout=self.connect_timeout,
             heartbeat=self.heartbeat,
             ssl=node_tls(self.ssl, url),
-            transport_options={"socket_settings": _SOCKET_SETTINGS},
+            transport_options={
+                "socket_settings": _SOCKET_SETTINGS,
+                "on_blocked": self._on_blocked,
+                "on_unblocked": self._on_unblocked,
+            },
         )
         try:
             # One attempt: kombu's connect() retries once after 2 s, a hidden
@@ -186,6 +228,9 @@ class AmqpPublisher:
         self._settled.failed.extend(Failure(m, kind, detail, own) for m in window.values())
         connection, self._connection, self._channel = self._connection, None, None
         self._unread = False
+        if self._blocked is not None:  # a new connection is not blocked until it is told so
+            self._blocked = None
+            self._unblocked_at = time.monotonic()
         if connection is not None:
             close_quietly(connection)
             # Anything but close() (an error, a confirm timeout, a refusal that

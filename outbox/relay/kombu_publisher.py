@@ -60,6 +60,9 @@ class KombuPublisher:
     def fileno(self) -> int | None:
         return None
 
+    def confirm_clock(self, sent_at: float) -> float | None:
+        return sent_at  # send() waits for each verdict: nothing is out between calls
+
     @property
     def unsettled_news(self) -> bool:
         return bool(self._settled)

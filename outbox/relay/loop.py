@@ -78,8 +78,11 @@ log = logging.getLogger(__name__)
 
 # How often the loop answers the broker's heartbeats while it is busy.
 _KEEPALIVE_EVERY = 1.0
-# Confirmed rows wait at most this long (seconds) for their mark.
+# Confirmed rows wait this long (seconds) for their mark. With nothing out, the
+# next fetch (a NOTIFY) carries the mark in its own round trip; the marking
+# thread takes it only if no fetch came within _MARK_GRACE more.
 _MARK_AFTER = 0.1
+_MARK_GRACE = 0.02
 # The liveness hooks (loop_ticked, store_available) run at most this often while
 # busy: the loop goes round once per few confirms, thousands of times a second,
 # and each call takes the metrics' locks.
@@ -304,13 +307,13 @@ class Relay:
         readable: list[int] = []
         deadlines = [self._next_rebalance, now + _KEEPALIVE_EVERY]
         if self._to_mark and self._mark_job is None:
-            deadlines.append(self._confirmed_at + _MARK_AFTER)
+            deadlines.append(self._confirmed_at + self._mark_delay())
         publisher_fd = self.publisher.fileno() if self._lanes.out else None
         if publisher_fd is not None:
             readable.append(publisher_fd)
-            oldest = self._lanes.oldest_out()
-            if oldest is not None:
-                deadlines.append(oldest + self.settings.confirm_timeout)
+            deadline = self._confirm_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
         if self._job is not None or self._mark_job is not None:
             assert self._job_bell is not None
             readable.append(self._job_bell.fileno())
@@ -371,20 +374,29 @@ class Relay:
         trickle of events, each sent alone, are marked in groups (a
         transaction per event would cost more than publishing it).
         """
-        if self._mark_job is not None or not self._to_mark:
+        if not self._marks_due(now, self._mark_delay()):
             return
-        due = (
-            len(self._to_mark) >= self.settings.batch_size
-            or now - self._confirmed_at >= _MARK_AFTER
-        )
-        if not due:
-            return
+        if not self._lanes.out and self._job is None and self._fetch_wanted(now):
+            return  # the inline fetch about to run carries them (_start_database_work)
         if self._mark_executor is None:
             self._mark_executor = ThreadPoolExecutor(1, thread_name_prefix="outbox-relay-mark")
         self._marking, self._to_mark = self._to_mark, {}
         bell = self._bell()
         self._mark_job = self._mark_executor.submit(self._mark_fast, self._marking)
         self._mark_job.add_done_callback(lambda _: bell.ring())
+
+    def _mark_delay(self) -> float:
+        """How long confirmed rows wait for a mark of their own (see _MARK_GRACE)."""
+        return _MARK_AFTER if self._lanes.out else _MARK_AFTER + _MARK_GRACE
+
+    def _marks_due(self, now: float, delay: float = _MARK_AFTER) -> bool:
+        return (
+            self._mark_job is None
+            and bool(self._to_mark)
+            and (
+                len(self._to_mark) >= self.settings.batch_size or now - self._confirmed_at >= delay
+            )
+        )
 
     def _finish_marking(self, *, wait: bool = False) -> None:
         job = self._mark_job
@@ -417,9 +429,14 @@ class Relay:
             work = lambda: self._fetch_prepare(partitions, exclude, limit, paused)  # noqa: E731
             self._submit("fetch", work, now)
             return False
-        # Nothing in flight to overlap with: no thread hand-off (latency).
+        # Nothing in flight to overlap with: no thread hand-off (latency). Due
+        # marks ride along in the same round trip and transaction: at a low rate
+        # a mark on the second connection would compete with this fetch.
         job = _Job(Future(), "fetch", now, self._generation)
-        rows, messages = self._fetch_prepare(partitions, exclude, limit, paused)
+        carried = self._to_mark if self._marks_due(now) else {}
+        rows, messages = self._fetch_prepare(partitions, exclude, limit, paused, carried)
+        if carried:
+            self._to_mark = {}
         self._fetched(job, rows, messages)
         return True
 
@@ -450,15 +467,17 @@ class Relay:
         exclude: list[int],
         limit: int,
         paused: list[str],
+        mark: dict[int, str] | None = None,
     ) -> tuple[list[EventRow], list[OutgoingMessage]]:
         rows = self.store.mark_and_fetch(
-            [],
+            list(mark or ()),
             partitions,
             limit,
             exclude,
             owner=self.relay_id,
             delete_rows=self.settings.delete_on_delivery,
             skip_keys=paused,
+            mark_ids=list(mark.values()) if mark else None,
         )
         return rows, self._prepare(rows)
 
@@ -586,9 +605,22 @@ class Relay:
 
     def _expire(self, now: float) -> None:
         """Give up on the window when its oldest message waited past confirm_timeout."""
-        oldest = self._lanes.oldest_out()
-        if oldest is not None and now - oldest >= self.settings.confirm_timeout:
+        deadline = self._confirm_deadline()
+        if deadline is not None and now >= deadline:
             self._give_up_window()
+
+    def _confirm_deadline(self) -> float | None:
+        """When the oldest message out times out; None with nothing out or while blocked.
+
+        While the broker blocks the connection (a resource alarm) it reads
+        nothing, so no confirm can come: the wait is not counted, and
+        reconnecting would only meet the same alarm (it is cluster-wide).
+        """
+        oldest = self._lanes.oldest_out()
+        if oldest is None:
+            return None
+        since = self.publisher.confirm_clock(oldest)
+        return None if since is None else since + self.settings.confirm_timeout
 
     def _give_up_window(self) -> None:
         """Every message out fails as ``timeout``, on a connection dropped for good."""

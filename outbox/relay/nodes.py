@@ -141,6 +141,11 @@ class BrokerNodes:
         """The URL of the node connected now; None while disconnected."""
         return None if self._current is None else self.urls[self._current]
 
+    @property
+    def current_label(self) -> str:
+        """``host:port`` of the node connected now (``-`` while disconnected): safe to log."""
+        return "-" if self._current is None else self.labels[self._current]
+
     def watch(self, watcher: NodeWatcher) -> None:
         """Call ``watcher`` on every connect and loss from now on."""
         self._watchers.append(watcher)

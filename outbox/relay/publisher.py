@@ -56,7 +56,10 @@ class Publisher(Protocol):
     wait); ``unsettled_news`` says the caller should settle again before
     waiting on it. ``abort`` gives up on everything in flight (each fails with the
     given kind) and drops the connection. ``keepalive`` answers heartbeats; it
-    may be called at any time.
+    may be called at any time. ``confirm_clock`` says from when a message sent
+    at ``sent_at`` waits for its confirm: None while the broker blocks the
+    connection (a resource alarm: it reads nothing, so no confirm can come),
+    and from the end of the last block after one.
     """
 
     def connect(self) -> None: ...
@@ -68,6 +71,8 @@ class Publisher(Protocol):
     def settle(self, timeout: float = 0.0) -> Settled: ...
 
     def abort(self, kind: str, detail: str) -> None: ...
+
+    def confirm_clock(self, sent_at: float) -> float | None: ...
 
     def fileno(self) -> int | None: ...
 

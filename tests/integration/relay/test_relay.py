@@ -326,6 +326,9 @@ class RecordingPublisher:
     def fileno(self) -> int | None:
         return self.inner.fileno()
 
+    def confirm_clock(self, sent_at: float) -> float | None:
+        return self.inner.confirm_clock(sent_at)
+
     @property
     def in_flight(self) -> int:
         return self.inner.in_flight
