@@ -98,16 +98,19 @@ def _steer(relays: list[harness.RelayProcess], cluster: cl.Cluster, target: cl.R
     """Get both relays onto ``target``: close their connections on the node they use.
 
     A relay whose connection is lost reconnects to the next node of its list,
-    so each close moves it one node along.
+    so each close moves it one node along. After a stall the relays may be
+    in their publish back-off (up to OUTBOX_BACKOFF_MAX, 30 s) and connect
+    only when it ends: hence the long deadline.
     """
-    for _ in range(6):
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
         on = {cl.relay_node(r.pid, cluster) for r in relays}
         if on == {target}:
             return
         for node in on:
             if node is not None and node is not target:
                 node.ctl("close_all_connections", "outbox cluster suite: moving relays")
-        time.sleep(1.0)
+        time.sleep(0.5)
     raise AssertionError(f"relays did not move to {target.name}")
 
 
