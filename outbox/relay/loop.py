@@ -538,11 +538,7 @@ class Relay:
         # a fetch in flight lands first, then the lanes and the local lease are dropped.
         with contextlib.suppress(OutboxError):
             self._finish_job(wait=True)
-        self._registered = False
-        self._lease = Lease(epochs={})
-        self._held = frozenset()
-        self._lease_deadline = 0.0
-        self._clear_lanes()
+        self._forget_lease()
         try:
             self._finish_marking(wait=True)
             self._mark(self._to_mark)
@@ -934,12 +930,8 @@ class Relay:
         except OutboxError as exc:
             emit(log, "relay_shutdown_incomplete", "%s", exc, level=logging.WARNING)
         finally:
-            self._registered = False
-            self._lease = Lease(epochs={})
-            self._held = frozenset()
-            self._lease_deadline = 0.0
+            self._forget_lease()
             self._next_rebalance = 0.0
-            self._clear_lanes()
             self._paused.clear()
             self.publisher.close()
             for executor in (self._executor, self._mark_executor):
@@ -949,6 +941,14 @@ class Relay:
             if self._job_bell is not None:
                 self._job_bell.close()
                 self._job_bell = None
+
+    def _forget_lease(self) -> None:
+        """Hold no partition, locally: nothing queued or leased is sent from here on."""
+        self._registered = False
+        self._lease = Lease(epochs={})
+        self._held = frozenset()
+        self._lease_deadline = 0.0
+        self._clear_lanes()
 
     def _mark_fast(self, rows: dict[int, str]) -> None:
         """Mark while relaying: one round trip, an asynchronous commit (docs/performance.md)."""

@@ -13,6 +13,7 @@ dialect) and libpq itself (the relay's LISTEN connection) read alike.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -72,8 +73,7 @@ def _hosts_to_query(url: str) -> str:
     match = _NETLOC_HOST_LIST.fullmatch(url.strip())
     if match is None or re.search(r"(?:^|&)(?:host|port)=", match["query"] or ""):
         return url
-    pairs = [_host_and_port(token) for token in match["hosts"].split(",")]
-    hosts, ports = [host for host, _ in pairs], [port for _, port in pairs]
+    hosts, ports = _hosts_and_ports(match["hosts"].split(","))
     query = f"host={','.join(hosts)}" + (f"&port={','.join(ports)}" if any(ports) else "")
     rest = f"&{match['query']}" if match["query"] else ""
     return f"{match['head']}{match['path'] or '/'}?{query}{rest}"
@@ -89,12 +89,17 @@ def _libpq_host_list(url: URL) -> URL:
     if given is None or "port" in url.query:
         return url
     tokens = given if isinstance(given, tuple) else tuple(given.split(","))
-    pairs = [_host_and_port(token) for token in tokens]
-    hosts, ports = [host for host, _ in pairs], [port for _, port in pairs]
+    hosts, ports = _hosts_and_ports(tokens)
     if not any(ports) and isinstance(given, str):
         return url  # already libpq's form, or one host (a socket directory) without a port
     query = {"host": ",".join(hosts), **({"port": ",".join(ports)} if any(ports) else {})}
     return url.update_query_dict(query)
+
+
+def _hosts_and_ports(tokens: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The hosts and the ports ("" where none) of libpq host tokens, in order."""
+    pairs = [_host_and_port(token) for token in tokens]
+    return [host for host, _ in pairs], [port for _, port in pairs]
 
 
 def _host_and_port(token: str) -> tuple[str, str]:

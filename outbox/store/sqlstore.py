@@ -189,12 +189,14 @@ class SqlStore:
         """
         if not positions:
             return 0
-        where = and_(E.c.position.in_(list(positions)), E.c.state == table.PENDING)
-        if event_ids is not None:
+        if event_ids is None:
+            chosen = E.c.position.in_(list(positions))
+        else:
             # Pairwise, as tuples: (position, id) of one row, never one row's position
             # with another's id.
             pairs = [(p, uuid.UUID(i)) for p, i in zip(positions, event_ids, strict=True)]
-            where = and_(tuple_(E.c.position, E.c.event_id).in_(pairs), E.c.state == table.PENDING)
+            chosen = tuple_(E.c.position, E.c.event_id).in_(pairs)
+        where = and_(chosen, E.c.state == table.PENDING)
         statement: Any
         if delete_rows:
             statement = delete(E).where(where)

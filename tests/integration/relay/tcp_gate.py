@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
+
+import kombu
 
 
 class Gate:
@@ -54,3 +57,21 @@ class Gate:
     def close(self) -> None:
         self.shut()
         self._listener.close()
+
+
+def broker_url(amqp_url: str, port: int | None = None, scheme: str = "amqp") -> str:
+    """The shared broker's URL with its credentials, on ``port`` (a gate's) if given."""
+    parsed = kombu.Connection(amqp_url)
+    host = "localhost" if scheme == "amqps" else parsed.hostname
+    return f"{scheme}://{parsed.userid}:{parsed.password}@{host}:{port or parsed.port or 5672}//"
+
+
+@contextlib.contextmanager
+def gate_to(amqp_url: str) -> Iterator[Gate]:
+    """A gate in front of the broker of ``amqp_url``, closed afterwards."""
+    parsed = kombu.Connection(amqp_url)
+    gate = Gate((parsed.hostname or "127.0.0.1", parsed.port or 5672))
+    try:
+        yield gate
+    finally:
+        gate.close()

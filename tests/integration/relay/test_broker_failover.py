@@ -36,9 +36,9 @@ from outbox.relay.nodes import node_tls
 from outbox.relay.publisher import open_publisher, publish_batch, tls_options
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
-from tests.integration.relay.tcp_gate import Gate
+from tests.integration.relay.tcp_gate import Gate, broker_url, gate_to
 from tests.integration.relay.test_relay import publish_cases
-from tests.integration.relay.test_tls import TlsProxy, _issue, _make_ca
+from tests.integration.relay.test_tls import Certificates, TlsProxy, issue_certificates
 
 PASSWORD = "n0t-the-guest-pw"
 
@@ -53,12 +53,6 @@ def _dead_port() -> int:
 
 def _dead_url(port: int, host: str = "127.0.0.1", scheme: str = "amqp") -> str:
     return f"{scheme}://guest:{PASSWORD}@{host}:{port}//"
-
-
-def _live_url(amqp_url: str, port: int | None = None, scheme: str = "amqp") -> str:
-    parsed = kombu.Connection(amqp_url)
-    host = "localhost" if scheme == "amqps" else parsed.hostname
-    return f"{scheme}://{parsed.userid}:{parsed.password}@{host}:{port or parsed.port or 5672}//"
 
 
 def _message(position: int = 1) -> OutgoingMessage:
@@ -82,10 +76,8 @@ def _failovers(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 @pytest.fixture
 def cut_proxy(amqp_url: str) -> Iterator[Gate]:
-    parsed = kombu.Connection(amqp_url)
-    proxy = Gate((parsed.hostname or "127.0.0.1", parsed.port or 5672))
-    yield proxy
-    proxy.close()
+    with gate_to(amqp_url) as proxy:
+        yield proxy
 
 
 def test_kombu_alone_tries_only_the_first_url_of_a_list(amqp_url: str) -> None:
@@ -129,8 +121,8 @@ def test_after_a_loss_the_next_node_then_it_sticks_logs_and_metrics(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="outbox")
-    through_proxy = _live_url(amqp_url, cut_proxy.port)
-    direct = _live_url(amqp_url)
+    through_proxy = broker_url(amqp_url, cut_proxy.port)
+    direct = broker_url(amqp_url)
     publisher = AmqpPublisher(f"{through_proxy};{direct}", exchange_name)
     observer = PrometheusObserver()
     observer.watch_broker_nodes(publisher.nodes)
@@ -190,16 +182,12 @@ def test_each_node_verifies_its_own_host_name() -> None:
 
 
 @pytest.fixture(scope="module")
-def certificates_dir() -> Iterator[Path]:
+def certificates() -> Iterator[Certificates]:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is not installed")
     directory = Path(tempfile.mkdtemp(prefix="outbox-failover-tls-"))
     try:
-        _make_ca(directory, "ca")
-        _make_ca(directory, "other")
-        _issue(directory, "server", "localhost", "serverAuth")  # localhost and 127.0.0.1
-        _issue(directory, "client", "outbox-relay", "clientAuth")
-        yield directory
+        yield issue_certificates(directory)
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"openssl failed: {exc.stderr}")
     finally:
@@ -207,27 +195,19 @@ def certificates_dir() -> Iterator[Path]:
 
 
 def test_tls_failover_verifies_the_second_node_against_its_own_name(
-    amqp_url: str, exchange_name: str, bound_queue: kombu.Queue, certificates_dir: Path
+    amqp_url: str, exchange_name: str, bound_queue: kombu.Queue, certificates: Certificates
 ) -> None:
-    from tests.integration.relay.test_tls import Certificates
-
-    d = certificates_dir
-    certificates = Certificates(
-        ca=d / "ca.crt",
-        server_cert=d / "server.crt",
-        server_key=d / "server.key",
-        client_cert=d / "client.crt",
-        client_key=d / "client.key",
-        other_ca=d / "other.crt",
-    )
     parsed = kombu.Connection(amqp_url)
     with TlsProxy(certificates, (parsed.hostname or "127.0.0.1", parsed.port or 5672)) as proxy:
         # The dead first node's name (127.0.0.2) is not in the proxy's
         # certificate: verifying the second node against it would fail.
         dead = _dead_url(_dead_port(), "127.0.0.2", "amqps")
-        urls = f"{dead};{_live_url(amqp_url, proxy.port, 'amqps')}"
+        urls = f"{dead};{broker_url(amqp_url, proxy.port, 'amqps')}"
         ssl = tls_options(
-            urls, ca=str(d / "ca.crt"), cert=str(d / "client.crt"), key=str(d / "client.key")
+            urls,
+            ca=str(certificates.ca),
+            cert=str(certificates.client_cert),
+            key=str(certificates.client_key),
         )
         publisher = AmqpPublisher(urls, exchange_name, ssl=ssl, connect_timeout=2)
         try:

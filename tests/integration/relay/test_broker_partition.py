@@ -26,7 +26,7 @@ from outbox.relay.publisher import open_publisher
 from outbox.relay.settings import RelaySettings
 from outbox.store.sqlstore import SqlStore
 from tests.conftest import drain_queue
-from tests.integration.relay.tcp_gate import Gate
+from tests.integration.relay.tcp_gate import Gate, broker_url, gate_to
 from tests.integration.relay.test_relay import publish_cases, wait_for
 
 TTL = 3.0
@@ -35,15 +35,8 @@ SETTINGS = RelaySettings(lease_ttl=TTL, poll_interval=0.05, backoff_initial=0.1,
 
 @pytest.fixture
 def gate(amqp_url: str) -> Iterator[Gate]:
-    parsed = kombu.Connection(amqp_url)
-    gate = Gate((parsed.hostname or "127.0.0.1", parsed.port or 5672))
-    yield gate
-    gate.close()
-
-
-def _through(amqp_url: str, port: int) -> str:
-    parsed = kombu.Connection(amqp_url)
-    return f"amqp://{parsed.userid}:{parsed.password}@127.0.0.1:{port}/{parsed.virtual_host}"
+    with gate_to(amqp_url) as gate:
+        yield gate
 
 
 class Sampler:
@@ -76,7 +69,7 @@ def test_a_relay_cut_off_from_the_broker_hands_its_partitions_to_its_peer(
     caplog.set_level(logging.INFO, logger="outbox")
     cut_off = Relay(
         SqlStore(pg_engine),
-        open_publisher(_through(amqp_url, gate.port), exchange_name),
+        open_publisher(broker_url(amqp_url, gate.port), exchange_name),
         SETTINGS,
         relay_id="relay-a",
     )

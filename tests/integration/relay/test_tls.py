@@ -110,20 +110,25 @@ def certificates() -> Iterator[Certificates]:
     # PostgreSQL server (user postgres) must read its key.
     directory = Path(tempfile.mkdtemp(prefix="outbox-tls-"))
     try:
-        _make_ca(directory, "ca")
-        _make_ca(directory, "other")
-        _issue(directory, "server", "localhost", "serverAuth")
-        _issue(directory, "client", "outbox-relay", "clientAuth")
-        yield Certificates(
-            ca=directory / "ca.crt",
-            server_cert=directory / "server.crt",
-            server_key=directory / "server.key",
-            client_cert=directory / "client.crt",
-            client_key=directory / "client.key",
-            other_ca=directory / "other.crt",
-        )
+        yield issue_certificates(directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def issue_certificates(directory: Path) -> Certificates:
+    """Two CAs, a server certificate for localhost and 127.0.0.1, a client's, in ``directory``."""
+    _make_ca(directory, "ca")
+    _make_ca(directory, "other")
+    _issue(directory, "server", "localhost", "serverAuth")
+    _issue(directory, "client", "outbox-relay", "clientAuth")
+    return Certificates(
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+        other_ca=directory / "other.crt",
+    )
 
 
 # -- PostgreSQL -----------------------------------------------------------------------
