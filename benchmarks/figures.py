@@ -333,21 +333,25 @@ def drain_rate(ctx: Context, engine: Engine, events: int | None = None) -> float
     return published / elapsed
 
 
-def relay_process_drain_rate(ctx: Context, events: int | None = None) -> tuple[float, float]:
+def relay_process_drain_rate(
+    ctx: Context, events: int | None = None
+) -> tuple[float, float, CpuUse]:
     """A real ``outbox relay`` process, default settings, draining the seeded backlog.
 
     The clock starts when the process holds its partitions (its start-up,
     imports and connections excluded, as for a relay already running when a
     backlog forms) and stops when no row is pending: every event confirmed by
-    the broker and marked delivered. Returns the rate and the CPU seconds the
-    relay process used meanwhile.
+    the broker and marked delivered. Returns the rate, the CPU seconds the
+    relay process used meanwhile, and the CPU by process group, read before
+    the relay stops (its PostgreSQL backends exit with it).
     """
     expected = ctx.events if events is None else events
     relay = _relay_process(ctx)
     try:
         # Polled every 2 ms: the relay drains before the clock starts for as long as that.
         _wait_for_owner(ctx, 60.0, poll=0.002, process=relay)
-        with psycopg.connect(libpq(ctx.database_url), autocommit=True) as conn:
+        database = psycopg.connect(libpq(ctx.database_url), autocommit=True)
+        with database as conn, measure_cpu() as use:
             start = time.perf_counter()
             cpu_start = process_cpu(relay.pid)
             while conn.execute(
@@ -364,7 +368,7 @@ def relay_process_drain_rate(ctx: Context, events: int | None = None) -> tuple[f
     arrived = _queue_depth(ctx)
     if arrived < expected:
         raise RuntimeError(f"{arrived} of {expected} events reached the queue")
-    return expected / elapsed, cpu
+    return expected / elapsed, cpu, use
 
 
 def _queue_depth(ctx: Context) -> int:
@@ -399,8 +403,7 @@ def figure_drain(ctx: Context, rounds: int = 3) -> list[Figure]:
             if baseline_first:
                 with measure_cpu() as raw_cpu:
                     raw, window = best_window_rate(ctx, messages)
-            with measure_cpu() as relay_cpu:
-                rate, relay_seconds = relay_process_drain_rate(ctx)
+            rate, relay_seconds, relay_cpu = relay_process_drain_rate(ctx)
             purge(ctx)
             if not baseline_first:
                 with measure_cpu() as raw_cpu:

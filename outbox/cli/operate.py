@@ -77,11 +77,20 @@ def add_commands(command: CommandFactory) -> None:
     replay.add_argument("--after-position", type=int, default=0, help="resume after this position")
     replay.add_argument("--dry-run", action="store_true", help="count the events, publish none")
 
-    command(
+    check = command(
         "check",
-        "verify database, migrations, permissions, broker and exchange; one line per "
-        "check with a fix for each failure; exit code 0 only if all passed",
+        "verify database, migrations, permissions, broker and exchange (and queues named "
+        "with --queue); one line per check with a fix for each failure; exit code 0 only "
+        "if none failed (a WARN does not fail)",
         cmd_check,
+    )
+    check.add_argument(
+        "--queue",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a queue consumers read from the relay's exchange: check that it exists and is "
+        "replicated (quorum or stream), warn if it is classic (repeatable)",
     )
 
     drain = command(
@@ -254,10 +263,13 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     from outbox.ops.check import run_checks
 
     passed = True
-    for result in run_checks(settings.database.url, settings.broker):
+    warnings = 0
+    for result in run_checks(settings.database.url, settings.broker, queues=args.queue):
         print(result.line(), flush=True)
         passed = passed and result.passed
-    print("all checks passed" if passed else "some checks failed")
+        warnings += result.status == "WARN"
+    warned = f" ({warnings} warning{'s' if warnings > 1 else ''})" if warnings else ""
+    print(f"all checks passed{warned}" if passed else f"some checks failed{warned}")
     return EXIT_OK if passed else EXIT_FAILED
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +11,7 @@ import kombu
 from sqlalchemy import Engine, text
 
 from outbox.errors import ConfigurationError, StoreError
+from outbox.ops.queue_type import REPLICATED, queue_type
 from outbox.redaction import describe_url, redact, redact_error
 from outbox.relay.nodes import node_tls, split_broker_urls
 from outbox.relay.publisher import BrokerSettings
@@ -19,6 +20,7 @@ from outbox.store.engine import create_outbox_engine
 from outbox.store.privileges import RELAY_PRIVILEGES
 
 PASS = "PASS"
+WARN = "WARN"  # the relay runs, but not as safely as it could
 FAIL = "FAIL"
 SKIP = "SKIP"
 
@@ -32,7 +34,7 @@ class CheckResult:
 
     @property
     def passed(self) -> bool:
-        return self.status == PASS
+        return self.status in (PASS, WARN)
 
     def line(self) -> str:
         text = f"{self.status}  {self.name:<12} {self.detail}"
@@ -40,9 +42,13 @@ class CheckResult:
 
 
 def run_checks(
-    database_url: str | None, broker: BrokerSettings, connect_timeout: float = 5.0
+    database_url: str | None,
+    broker: BrokerSettings,
+    connect_timeout: float = 5.0,
+    queues: Sequence[str] = (),
 ) -> Iterator[CheckResult]:
-    """Database, migrations, permissions, broker, exchange; later checks skip when one fails."""
+    """Database, migrations, permissions, broker, exchange, ``queues``; later checks skip
+    when one fails."""
     broker_url = broker.url
     if not database_url:
         yield CheckResult(
@@ -61,7 +67,7 @@ def run_checks(
             fix="set OUTBOX_BROKER_URL (or --broker-url, or OUTBOX_BROKER_URL_FILE)",
         )
     else:
-        yield from _broker_checks(broker, str(broker_url), connect_timeout)
+        yield from _broker_checks(broker, str(broker_url), connect_timeout, queues)
 
 
 def _database_checks(url: str, connect_timeout: float) -> Iterator[CheckResult]:
@@ -170,7 +176,7 @@ def _permissions(engine: Engine) -> CheckResult:
 
 
 def _broker_checks(
-    broker: BrokerSettings, url: str, connect_timeout: float
+    broker: BrokerSettings, url: str, connect_timeout: float, queues: Sequence[str]
 ) -> Iterator[CheckResult]:
     """The broker and exchange checks on the first node of the URL list that answers.
 
@@ -193,14 +199,16 @@ def _broker_checks(
             continue
         nodes = [node]
         break
-    for result in _node_checks(broker, nodes[-1], connect_timeout):
+    for result in _node_checks(broker, nodes[-1], connect_timeout, queues):
         if result.name == "broker" and result.passed and unreachable:
             detail = f"{result.detail}; unreachable: {', '.join(unreachable)}"
             result = CheckResult(name="broker", status=PASS, detail=detail)
         yield result
 
 
-def _node_checks(broker: BrokerSettings, url: str, connect_timeout: float) -> Iterator[CheckResult]:
+def _node_checks(
+    broker: BrokerSettings, url: str, connect_timeout: float, queues: Sequence[str]
+) -> Iterator[CheckResult]:
     shown = redact(url)
     exchange = broker.exchange or "outbox"
     try:
@@ -217,6 +225,7 @@ def _node_checks(broker: BrokerSettings, url: str, connect_timeout: float) -> It
             "(@ is %40, / is %2F, ? is %3F, # is %23, a space is %20)",
         )
         yield CheckResult(name="exchange", status=SKIP, detail="broker unreachable")
+        yield from _skipped_queues(queues)
         return
     try:
         try:
@@ -231,12 +240,64 @@ def _node_checks(broker: BrokerSettings, url: str, connect_timeout: float) -> It
                 "(amqps://, OUTBOX_BROKER_SSL_CA) of the broker URL",
             )
             yield CheckResult(name="exchange", status=SKIP, detail="broker unreachable")
+            yield from _skipped_queues(queues)
             return
         _close(channel.close)
         yield CheckResult(name="broker", status=PASS, detail=f"connected to {shown}")
         yield _exchange(connection, exchange)
+        for queue in queues:
+            yield _queue(connection, queue, exchange)
     finally:
         _close(connection.close)
+
+
+def _skipped_queues(queues: Sequence[str]) -> Iterator[CheckResult]:
+    for queue in queues:
+        yield CheckResult(name="queue", status=SKIP, detail=f"{queue!r}: broker unreachable")
+
+
+def _queue(connection: kombu.Connection, queue: str, exchange: str) -> CheckResult:
+    """Whether a consumers' queue survives the loss of a node: quorum or stream, not classic.
+
+    A confirm from a classic queue means one node has the message; if that
+    node is lost, so is everything the relay had marked delivered and no
+    consumer had read yet. Bindings cannot be listed over AMQP 0-9-1, so the
+    queues are the ones named (``--queue``); :mod:`outbox.ops.queue_type` says
+    how the type is told without the management API.
+    """
+    found = queue_type(connection, queue)
+    if not found.exists:
+        return CheckResult(
+            name="queue",
+            status=FAIL,
+            detail=f"queue {queue!r} does not exist on this node's virtual host: "
+            "what the relay publishes for it is returned as unroutable",
+            fix=f"declare {queue!r} (durable, x-queue-type: quorum) and bind it to "
+            f"exchange {exchange!r}, or check the name",
+        )
+    if found.kind is None:
+        return CheckResult(
+            name="queue",
+            status=WARN,
+            detail=f"queue {queue!r}: could not tell its type ({found.detail})",
+            fix="check it with `rabbitmqctl list_queues name type` (want quorum or stream)",
+        )
+    if found.kind in REPLICATED:
+        return CheckResult(
+            name="queue",
+            status=PASS,
+            detail=f"queue {queue!r} is a {found.kind} queue: replicated, a confirm means "
+            "a majority of its members has the message",
+        )
+    durable = "" if found.durable else ", not durable"
+    return CheckResult(
+        name="queue",
+        status=WARN,
+        detail=f"queue {queue!r} is a {found.kind} queue{durable}: it lives on one node, and "
+        "what it holds is lost with that node, even after the relay marked it delivered",
+        fix=f"move its consumers to a quorum queue (x-queue-type: quorum, durable) bound to "
+        f"exchange {exchange!r}; docs/replicas.md, Clusters",
+    )
 
 
 def _exchange(connection: kombu.Connection, exchange: str) -> CheckResult:

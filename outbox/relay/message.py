@@ -39,7 +39,11 @@ LEADING_HEADERS = (
 )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+# Not frozen: the relay builds one per event on its database thread, and a
+# frozen dataclass's __init__ costs 0.7 µs more per message (three times a plain
+# one's). Nothing changes a message once built; the window and the lanes pass
+# the same object along and compare it by identity.
+@dataclass(kw_only=True, slots=True)
 class OutgoingMessage:
     position: int
     message_id: str

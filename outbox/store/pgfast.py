@@ -10,6 +10,10 @@ inside the store's transaction:
   need no exclusion;
 - both are server-side prepared statements taking arrays
   (``position = ANY(%s)``), so their text never changes with the batch size;
+- arrays of positions and event ids go as array literals (``{1,2,3}``), one
+  string each: psycopg's list dumper costs about a microsecond per element in
+  Python, and a fetch carries up to three positions per row it asks for (what
+  the relay holds out of it);
 - rows come back as :class:`~outbox.store.EventRow` straight from psycopg's
   row factory.
 
@@ -27,7 +31,8 @@ them: :func:`outbox.store.fence.fetchable`, the rule SQLite's path applies too.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import re
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from psycopg.rows import args_row
@@ -46,11 +51,15 @@ _HELD = (
     " AND dead.ordering_key = e.ordering_key AND dead.position < e.position)"
 )
 # skip_keys: keys the relay holds back itself (no queue bound for their next event).
+# NOT IN a subquery, not "<> ALL(array)": the server hashes the subquery's values
+# once, while "<> ALL" over a parameter compares every row with every element
+# in the generic plan a prepared statement ends up with (5 ms instead of 0.65 ms
+# for a fetch of 500 rows with 1,500 positions held out). Neither holds a NULL.
 FETCH = (
     f"SELECT {_COLUMNS} FROM outbox_event AS e"
     " WHERE e.state = 'pending' AND e.partition = ANY(%(partitions)s::smallint[])"
-    " AND e.position <> ALL(%(exclude)s::bigint[])"
-    " AND e.ordering_key <> ALL(%(skip_keys)s::text[])"
+    " AND e.position NOT IN (SELECT unnest(%(exclude)s::bigint[]))"
+    " AND e.ordering_key NOT IN (SELECT unnest(%(skip_keys)s::text[]))"
     f" AND {_HELD} ORDER BY e.position LIMIT %(limit)s"
 )
 FETCH_BEFORE_0003 = FETCH.replace(_COLUMNS, _COLUMNS_BEFORE_0003)
@@ -77,6 +86,29 @@ MARK_EXACT = (
 )
 MARK_DELETE_EXACT = "DELETE FROM outbox_event AS e USING" + _EXACT
 ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+
+
+def int_array(values: Iterable[int]) -> str:
+    """``values`` as a PostgreSQL array literal for a ``::bigint[]`` cast: ``{1,2,3}``."""
+    return "{" + ",".join(map(str, map(int, values))) + "}"
+
+
+def uuid_array(values: Sequence[str]) -> str:
+    """UUIDs in text as a PostgreSQL array literal for a ``::uuid[]`` cast.
+
+    The relay's ids are ``event_id::text``, so they need no quoting; anything
+    but hex digits and dashes is refused rather than quoted (a comma would
+    split one id into two elements).
+    """
+    if not values:
+        return "{}"
+    text = ",".join(values)
+    if text.count(",") != len(values) - 1 or _UUID_LIST.fullmatch(text) is None:
+        raise ValueError("uuid_array takes UUIDs as text only")
+    return "{" + text + "}"
+
+
+_UUID_LIST = re.compile(r"[0-9a-fA-F-]+(?:,[0-9a-fA-F-]+)*")
 
 
 def mark_and_fetch(
@@ -106,10 +138,10 @@ def mark_and_fetch(
         if mark:
             connection.cursor().execute(ASYNC_COMMIT)
             query = MARK_DELETE if delete_rows else MARK
-            args: dict[str, list[Any]] = {"positions": list(mark)}
+            args = {"positions": int_array(mark)}
             if mark_ids is not None:
                 query = MARK_DELETE_EXACT if delete_rows else MARK_EXACT
-                args["ids"] = list(mark_ids)
+                args["ids"] = uuid_array(mark_ids)
             mark_cursor.execute(query, args, prepare=prepare)
         # The columns in the order of the row class's fields: built positionally.
         fetch_cursor = connection.cursor(row_factory=args_row(row_class))
@@ -123,7 +155,7 @@ def mark_and_fetch(
                 held_cursor.execute(HELD, {"owner": owner}, prepare=prepare)
             params: dict[str, Any] = {
                 "partitions": list(partitions),
-                "exclude": list(exclude),
+                "exclude": int_array(exclude),
                 "skip_keys": list(skip_keys),
                 "limit": limit,
             }

@@ -38,6 +38,7 @@ from tests.cluster import harness as cl
 from tests.cluster.conftest import SUMMARY
 from tests.conftest import pg_url
 from tests.faults import harness
+from tests.ops_support import run_cli
 
 pytestmark = pytest.mark.cluster
 
@@ -180,6 +181,50 @@ def _scrape(port: int) -> dict[str, float]:
         if line.startswith("outbox_broker_node_connected{") and line.endswith(" 1.0"):
             values["connected:" + line.split('"')[1]] = 1.0
     return values
+
+
+def test_check_passes_the_quorum_queue_and_warns_about_a_classic_one(
+    cluster: cl.Cluster, pg_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``outbox check --queue`` on the cluster, given the node list as the relay is."""
+    connection = amqp.Connection(
+        f"127.0.0.1:{cluster.nodes[1].port}", userid=cl.USER, password=cl.PASSWORD
+    )
+    connection.connect()
+    quorum, classic = f"{EXCHANGE}-check-quorum", f"{EXCHANGE}-check-classic"
+    channel = connection.channel()
+    channel.queue_declare(
+        quorum,
+        durable=True,
+        auto_delete=False,
+        arguments={"x-queue-type": "quorum", "x-delivery-limit": 5},
+    )
+    channel.queue_declare(classic, durable=True, auto_delete=False)
+    try:
+        code = run_cli(
+            [
+                "check",
+                "--database-url",
+                pg_url(pg_database),
+                "--broker-url",
+                cluster.url_list,
+                "--exchange",
+                EXCHANGE,
+                "--queue",
+                quorum,
+                "--queue",
+                classic,
+            ]
+        )
+        out = capsys.readouterr().out
+    finally:
+        channel.queue_delete(quorum)
+        channel.queue_delete(classic)
+        connection.close()
+    assert code == 0, out
+    assert f"PASS  queue        queue '{quorum}' is a quorum queue" in out
+    assert f"WARN  queue        queue '{classic}' is a classic queue" in out
+    assert f"{cl.USER}:{cl.PASSWORD}@" not in out  # the node list, redacted
 
 
 def test_two_node_kills_under_load_lose_nothing_and_keep_per_key_order(
