@@ -260,14 +260,14 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    from outbox.ops.check import run_checks
+    from outbox.ops.check import WARN, run_checks
 
     passed = True
     warnings = 0
     for result in run_checks(settings.database.url, settings.broker, queues=args.queue):
         print(result.line(), flush=True)
         passed = passed and result.passed
-        warnings += result.status == "WARN"
+        warnings += result.status == WARN
     warned = f" ({warnings} warning{'s' if warnings > 1 else ''})" if warnings else ""
     print(f"all checks passed{warned}" if passed else f"some checks failed{warned}")
     return EXIT_OK if passed else EXIT_FAILED
